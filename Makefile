@@ -1,0 +1,29 @@
+# One command each: `make test` and `make demo` build .venv themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+export HF_HUB_OFFLINE := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .[test]
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m experiments.run --config configs/bench_sketch.py:quick --workdir $(WORKDIR)
+
+bench: install
+	$(PY) -m experiments.run --config configs/bench_sketch.py --workdir runs/bench_sketch
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

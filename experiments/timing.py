@@ -1,0 +1,109 @@
+"""Measuring wall time and memory of jitted functions honestly (used by every benchmark).
+
+* `median_time`: compile and warm up first, then time each call to completion with
+  `jax.block_until_ready`; the median of the timed calls is reported.
+* `compiled_memory`: XLA's own memory analysis of the compiled executable (temporary buffers,
+  arguments, outputs), from `jax.jit(f).lower(*args).compile().memory_analysis()`.
+* `PeakRSS`: a context manager sampling this process's resident set size in a background thread,
+  reporting the peak above the value at entry (large buffers are mmapped, so freed memory is
+  returned to the OS and successive measurements do not hide each other).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _force_mmap_for_large_buffers() -> None:
+    """glibc: serve allocations >= 1 MiB with mmap so that freeing them lowers RSS again."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        libc.mallopt(m_mmap_threshold, 1 << 20)
+    except OSError:  # not glibc: RSS deltas are then upper-bounded by earlier peaks only
+        pass
+
+
+_force_mmap_for_large_buffers()
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def median_time(fn: Callable, *args: Any, warmup: int = 1, repeats: int = 5, budget_s: float | None = None) -> dict:
+    """Median wall time of `fn(*args)` (already jitted) in seconds, after `warmup` untimed calls.
+
+    With `budget_s`, stops repeating once the timed calls have used that many seconds (at least one
+    timed call is always made). Returns {"median_s", "min_s", "repeats", "first_call_s"}.
+    """
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    for _ in range(max(0, warmup - 1)):
+        jax.block_until_ready(fn(*args))
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+        spent += times[-1]
+        if budget_s is not None and spent >= budget_s:
+            break
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times), "first_call_s": first}
+
+
+def compiled_memory(fn: Callable, *args: Any) -> dict:
+    """Bytes XLA plans for `jax.jit(fn)(*args)`: temp (scratch), argument, output and generated code."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # some backends do not report it
+        return {}
+    return {
+        "temp_bytes": int(analysis.temp_size_in_bytes),
+        "argument_bytes": int(analysis.argument_size_in_bytes),
+        "output_bytes": int(analysis.output_size_in_bytes),
+    }
+
+
+class PeakRSS:
+    """`with PeakRSS() as p: ...` then `p.peak_delta_bytes`: peak RSS above the RSS at entry."""
+
+    def __init__(self, interval_s: float = 0.001):
+        self.interval_s = interval_s
+        self.baseline_bytes = 0
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> "PeakRSS":
+        self.baseline_bytes = current_rss_bytes()
+        self.peak_bytes = self.baseline_bytes
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, current_rss_bytes())
+
+    @property
+    def peak_delta_bytes(self) -> int:
+        return self.peak_bytes - self.baseline_bytes

@@ -1,0 +1,28 @@
+"""Installable package: gradient / HVP sketches, loss-landscape studies and training-data attribution."""
+from setuptools import setup
+
+setup(
+    name="gradsketch",
+    version="0.1.0",
+    description=(
+        "JAX sketches of gradients and Hessian-vector products (Schioppa, NeurIPS 2024) for "
+        "training-data attribution and loss-landscape studies"
+    ),
+    python_requires=">=3.10",
+    packages=["sketching", "landscape", "attribution", "experiments", "configs"],
+    install_requires=[
+        "jax>=0.4.35",
+        "jaxlib>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.3",
+        "numpy>=1.26",
+        "ml_collections>=0.1.1",
+        "absl-py>=2.0",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "scipy>=1.11"],
+    },
+)

@@ -1,0 +1,192 @@
+"""Building blocks shared by the sketches (SPEC §2.0, §7.2, §7.3).
+
+* `random_signs`, `random_normal`: random diagonals B = diag(±1) and G = diag(N(0,1)), regenerated
+  from a key (signs come from 32 random bits per uint32 word, so they are cheap to regenerate).
+* `fwht`: orthonormal Walsh–Hadamard transform in Sylvester order, applied as a Kronecker product of
+  small dense ±1 matrices, H_{ab} = H_a ⊗ H_b (SPEC §7.2), i.e. a few small matmuls.
+* `dht`: orthonormal discrete Hartley transform (Re F − Im F)/√n, any length, via the real FFT.
+* `haar_orthogonal`: Haar-distributed orthogonal matrix, QR with the sign fix of Mezzadri (2007)
+  (SPEC §2.9 item 3).
+* `kron_apply`: (F_1 ⊗ … ⊗ F_k) x for row-major x, without forming the Kronecker product
+  (SPEC §2.9 items 1–2).
+* `Mixer`: the orthogonal "pre-conditioner" of AFFD/AFJL (the paper's Table 4 axis HN / FFT / Q).
+
+All matmuls use `precision=HIGHEST` (SPEC §7.4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+# Fixed fold_in tags, one per random component (SPEC §7.6): never reuse a key for two components.
+TAG_SIGNS = 1
+TAG_GAUSSIAN = 2
+TAG_PERMUTATION = 3
+TAG_SIGNS_2 = 4
+TAG_INDICES = 5
+TAG_HASH = 6
+TAG_MIXER_1 = 100
+TAG_MIXER_2 = 150
+TAG_KRONECKER = 200
+TAG_DENSE_BLOCK = 1000
+
+
+def component_key(key: jax.Array, tag: int, index: int | None = None) -> jax.Array:
+    """Independent key for one random component (and optionally one block/factor of it)."""
+    k = jax.random.fold_in(key, tag)
+    return k if index is None else jax.random.fold_in(k, index)
+
+
+def random_signs(key: jax.Array, n: int, dtype) -> jax.Array:
+    """n i.i.d. Rademacher signs (±1) of `dtype`, 32 signs per random uint32 word."""
+    words = jax.random.bits(key, ((n + 31) // 32,), jnp.uint32)
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = (words[:, None] >> shifts[None, :]) & jnp.uint32(1)
+    return (1 - 2 * bits.reshape(-1)[:n].astype(jnp.int32)).astype(dtype)
+
+
+def random_normal(key: jax.Array, shape, dtype) -> jax.Array:
+    return jax.random.normal(key, shape, dtype)
+
+
+def sylvester(b: int, dtype=np.float32) -> np.ndarray:
+    """The unnormalised b×b Sylvester–Hadamard matrix (b a power of two), entries ±1."""
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"Hadamard block size must be a power of two, got {b}")
+    h = np.ones((1, 1), dtype)
+    while h.shape[0] < b:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+def power_of_two_blocks(n: int, max_block: int) -> tuple[int, ...]:
+    """Splits n = 2^k into factors of at most `max_block` (all equal but maybe the last)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"length must be a power of two, got {n}")
+    blocks, rest = [], n
+    while rest > 1:
+        b = min(max_block, rest)
+        blocks.append(b)
+        rest //= b
+    return tuple(blocks) or (1,)
+
+
+def kron_apply(factors, x: jax.Array) -> jax.Array:
+    """(F_1 ⊗ … ⊗ F_k) x with F_i of shape (m_i, n_i) and x of shape (..., Π n_i), row-major.
+
+    With X = x.reshape(n_1, …, n_k) the i-th factor contracts axis i of X (SPEC §2.9 item 1:
+    (A ⊗ B) x = (A X Bᵀ).reshape(-1) for row-major X). Leading axes of x are batch axes.
+    """
+    in_shape = tuple(int(f.shape[1]) for f in factors)
+    if x.shape[-1] != math.prod(in_shape):
+        raise ValueError(f"kron_apply: vector length {x.shape[-1]} != product of factor columns {in_shape}")
+    batch = x.shape[:-1]
+    y = x.reshape(batch + in_shape)
+    k = len(factors)
+    for i, f in enumerate(factors):
+        axis = len(batch) + i
+        y = jnp.tensordot(y, f, axes=[[axis], [1]], precision=HIGHEST)  # new axis goes last
+        y = jnp.moveaxis(y, -1, axis)
+    out = math.prod(int(f.shape[0]) for f in factors)
+    del k
+    return y.reshape(batch + (out,))
+
+
+def fwht(x: jax.Array, max_block: int = 16) -> jax.Array:
+    """Orthonormal Walsh–Hadamard transform of the last axis (length a power of two).
+
+    H_n = H_{b_1} ⊗ … ⊗ H_{b_r} / √n in Sylvester order; symmetric and involutive (H_n² = I).
+    """
+    n = x.shape[-1]
+    blocks = power_of_two_blocks(n, max_block)
+    factors = [jnp.asarray(sylvester(b), x.dtype) for b in blocks]
+    return kron_apply(factors, x) * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
+
+
+def dht(x: jax.Array) -> jax.Array:
+    """Orthonormal discrete Hartley transform of the last axis, any length n.
+
+    DHT(x)_k = (Re F_k − Im F_k)/√n with F = unnormalised DFT. Real, symmetric, involutive. Computed
+    from the real FFT: F_{n−k} = conj(F_k), so DHT_{n−k} = (Re F_k + Im F_k)/√n.
+    """
+    n = x.shape[-1]
+    f = jnp.fft.rfft(x, axis=-1)
+    re, im = jnp.real(f), jnp.imag(f)
+    head = re - im                                  # k = 0 .. n//2
+    tail = (re + im)[..., 1:n - n // 2][..., ::-1]  # k = n//2+1 .. n-1
+    out = jnp.concatenate([head, tail], axis=-1)
+    return (out * (1.0 / math.sqrt(n))).astype(x.dtype)
+
+
+def haar_orthogonal(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
+    """Haar-distributed n×n orthogonal matrix: QR of a Gaussian with the diagonal-sign fix."""
+    q, r = jnp.linalg.qr(jax.random.normal(key, (n, n), dtype))
+    signs = jnp.where(jnp.diagonal(r) >= 0, 1, -1).astype(dtype)
+    return q * signs[None, :]
+
+
+MIXERS = ("hadamard", "hartley", "orthogonal")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixer:
+    """An orthogonal transform R^n -> R^n used to flatten ("pre-condition") the input.
+
+    kind: "hadamard" (Walsh–Hadamard, n a power of two; the paper's HN), "hartley" (any n; the
+    paper's FFT option) or "orthogonal" (Q_1 ⊗ … ⊗ Q_r with Haar factors of at most `block`
+    rows, n a power of two; the paper's Q option). Only "orthogonal" has tables (its factors).
+    """
+
+    kind: str
+    n: int
+    block: int = 16
+
+    def __post_init__(self):
+        if self.kind not in MIXERS:
+            raise ValueError(f"preconditioner={self.kind!r}; allowed values: {list(MIXERS)}")
+        if self.kind != "hartley" and self.n & (self.n - 1):
+            raise ValueError(f"preconditioner={self.kind!r} needs a power-of-two length, got {self.n}")
+
+    @staticmethod
+    def padded_length(kind: str, size: int) -> int:
+        """Smallest admissible n >= size for this kind."""
+        if kind == "hartley":
+            return int(size)
+        return 1 << max(0, (int(size) - 1).bit_length())
+
+    def tables(self, key: jax.Array, dtype) -> tuple:
+        if self.kind != "orthogonal":
+            return ()
+        blocks = power_of_two_blocks(self.n, self.block)
+        return tuple(haar_orthogonal(jax.random.fold_in(key, i), b, dtype) for i, b in enumerate(blocks))
+
+    def forward(self, tables: tuple, x: jax.Array) -> jax.Array:
+        if self.kind == "hadamard":
+            return fwht(x, self.block)
+        if self.kind == "hartley":
+            return dht(x)
+        return kron_apply(tables, x)
+
+    def transpose(self, tables: tuple, x: jax.Array) -> jax.Array:
+        if self.kind == "orthogonal":
+            return kron_apply(tuple(q.T for q in tables), x)
+        return self.forward(tables, x)  # Hadamard and Hartley are symmetric
+
+
+def default_block() -> int:
+    """Largest Hadamard/orthogonal factor: small factors are fastest on CPU, larger ones on GPU/TPU
+    where the matmul units want them (measured with `configs/bench_sketch.py`)."""
+    return 16 if jax.default_backend() == "cpu" else 128
+
+
+def check_block(block) -> int:
+    block = default_block() if block is None else block
+    if not isinstance(block, int) or block < 2 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 2 (largest Hadamard/orthogonal factor), got {block!r}")
+    return block
