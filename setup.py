@@ -21,6 +21,8 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "safetensors>=0.4",
+        "transformers>=4.40,<5",  # 5.x has no Flax models
+        "scikit-learn>=1.3",      # the bundled digits data set
     ],
     extras_require={
         "test": ["pytest>=8.0", "scipy>=1.11"],

@@ -26,7 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (created if missi
 _QUIET = flags.DEFINE_bool("quiet", False, "Silence progress bars.")
 
 # Modules in experiments/ that are helpers, not experiment kinds.
-_HELPER_MODULES = {"run", "workdir", "plots", "models", "data", "train", "timing"}
+_HELPER_MODULES = {"run", "workdir", "plots", "models", "data", "train", "timing", "tokenizers"}
 
 
 def available_experiments() -> list[str]:

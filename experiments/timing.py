@@ -1,9 +1,12 @@
 """Measuring wall time and memory of jitted functions honestly (used by every benchmark).
 
-* `median_time`: compile and warm up first, then time each call to completion with
-  `jax.block_until_ready`; the median of the timed calls is reported.
-* `compiled_memory`: XLA's own memory analysis of the compiled executable (temporary buffers,
-  arguments, outputs), from `jax.jit(f).lower(*args).compile().memory_analysis()`.
+* `median_time`: warm up first (the first call, which compiles unless `fn` is already compiled,
+  plus more untimed calls), then time each call to completion with `jax.block_until_ready`; the
+  median of the timed calls is reported. An optional time budget caps the number of calls.
+* `aot_compile` / `memory_of` / `compiled_memory`: compile ahead of time once, and read XLA's own
+  memory analysis of the executable (temporary buffers, arguments, outputs) from
+  `jax.jit(f).lower(*args).compile().memory_analysis()`; the compiled executable can then be timed
+  directly, so a benchmark compiles each function once.
 * `PeakRSS`: a context manager sampling this process's resident set size in a background thread,
   reporting the peak above the value at entry (large buffers are mmapped, so freed memory is
   returned to the OS and successive measurements do not hide each other).
@@ -41,39 +44,66 @@ def current_rss_bytes() -> int:
 
 
 def median_time(fn: Callable, *args: Any, warmup: int = 1, repeats: int = 5, budget_s: float | None = None) -> dict:
-    """Median wall time of `fn(*args)` (already jitted) in seconds, after `warmup` untimed calls.
+    """Median wall time of `fn(*args)` (jitted or AOT-compiled) in seconds, after `warmup` untimed calls.
 
-    With `budget_s`, stops repeating once the timed calls have used that many seconds (at least one
-    timed call is always made). Returns {"median_s", "min_s", "repeats", "first_call_s"}.
+    The first call is always made and untimed (it includes compilation unless `fn` is compiled);
+    `warmup - 1` further untimed calls follow, then up to `repeats` timed calls, each ended by
+    `jax.block_until_ready`. With `budget_s`, no further warm-up or timed call is started once all
+    calls so far (first call included) have used `budget_s` seconds, but at least one timed call is
+    always made: a call slower than the budget costs two calls, not `warmup + repeats`.
+    Returns {"median_s", "min_s", "repeats", "warmup", "first_call_s"} ("repeats" and "warmup":
+    the numbers of timed and untimed calls actually made).
     """
+    if warmup < 1 or repeats < 1:
+        raise ValueError(f"median_time needs warmup >= 1 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     start = time.perf_counter()
+
+    def over_budget() -> bool:
+        return budget_s is not None and time.perf_counter() - start >= budget_s
+
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
-    for _ in range(max(0, warmup - 1)):
+    warmups = 1
+    while warmups < warmup and not over_budget():
         jax.block_until_ready(fn(*args))
+        warmups += 1
     times: list[float] = []
-    spent = 0.0
-    while len(times) < repeats:
+    while len(times) < repeats and not (times and over_budget()):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-        spent += times[-1]
-        if budget_s is not None and spent >= budget_s:
-            break
-    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": len(times), "first_call_s": first}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "repeats": len(times),
+        "warmup": warmups,
+        "first_call_s": first,
+    }
 
 
-def compiled_memory(fn: Callable, *args: Any) -> dict:
-    """Bytes XLA plans for `jax.jit(fn)(*args)`: temp (scratch), argument, output and generated code."""
-    compiled = jax.jit(fn).lower(*args).compile()
+def aot_compile(fn: Callable, *args: Any):
+    """`jax.jit(fn).lower(*args).compile()`: an executable called as `compiled(*args)`."""
+    return jax.jit(fn).lower(*args).compile()
+
+
+def memory_of(compiled: Any) -> dict:
+    """Bytes XLA plans for an AOT-compiled executable: temp (scratch), argument and output buffers.
+
+    Empty when the backend does not report a memory analysis.
+    """
     analysis = compiled.memory_analysis()
-    if analysis is None:  # some backends do not report it
+    if analysis is None:
         return {}
     return {
         "temp_bytes": int(analysis.temp_size_in_bytes),
         "argument_bytes": int(analysis.argument_size_in_bytes),
         "output_bytes": int(analysis.output_size_in_bytes),
     }
+
+
+def compiled_memory(fn: Callable, *args: Any) -> dict:
+    """Bytes XLA plans for `jax.jit(fn)(*args)`: temp (scratch), argument and output buffers."""
+    return memory_of(aot_compile(fn, *args))
 
 
 class PeakRSS:

@@ -1,0 +1,132 @@
+"""Experiment `finetune_classifier`: fine-tune a classifier on the generated C-class text set
+(all-MiniLM-L6-v2 + head by default, or a local transformers checkpoint, or the tiny transformer),
+or train logreg / MLP / CNN on scikit-learn's digits.
+
+    python -m experiments.run --config configs/finetune_classifier.py:quick --workdir runs/ft
+
+Reports `test_accuracy`, `test_loss`, `train_loss` and the parameter count; checkpoints under
+`checkpoints/` (a rerun resumes from the newest).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import data as data_lib
+from experiments import models as models_lib
+from experiments import train as train_lib
+from experiments.tokenizers import WordTokenizer, minilm_tokenizer, pretrained_tokenizer
+from experiments.workdir import Workdir
+
+DATASETS = ("text", "digits")
+_MODELS_FOR = {"text": ("minilm", "pretrained", "transformer"), "digits": ("logreg", "mlp", "cnn")}
+_DATA_FIELDS = {"name", "num_classes", "num_train", "num_test", "topic_prob", "test_fraction"}
+_TRAIN_FIELDS = {"optimizer", "learning_rate", "schedule", "warmup_steps", "weight_decay", "num_steps",
+                 "batch_size", "checkpoint_every", "eval_every", "log_every"}
+
+
+def validate_config(config) -> None:
+    for section in ("data", "model", "train"):
+        if section not in config:
+            raise ValueError(f"config.{section} is missing")
+    unknown = sorted(set(config.data) - _DATA_FIELDS)
+    if unknown:
+        raise ValueError(f"config.data has unknown fields {unknown}; allowed fields: {sorted(_DATA_FIELDS)}")
+    unknown = sorted(set(config.train) - _TRAIN_FIELDS)
+    if unknown:
+        raise ValueError(f"config.train has unknown fields {unknown}; allowed fields: {sorted(_TRAIN_FIELDS)}")
+    if config.data.name not in DATASETS:
+        raise ValueError(f"config.data.name={config.data.name!r}; allowed values: {list(DATASETS)}")
+    allowed = _MODELS_FOR[config.data.name]
+    if config.model.name not in allowed:
+        raise ValueError(f"config.model.name={config.model.name!r} with data {config.data.name!r}; "
+                         f"allowed values: {list(allowed)}")
+    options = _model_options(config, vocab_size=1)
+    models_lib.validate_model_config(config.model.name, options)
+    if config.model.name == "pretrained" and options["task"] != "classification":
+        raise ValueError("config.model.task must be 'classification' for finetune_classifier")
+    if isinstance(config.max_len, bool) or not isinstance(config.max_len, int) or config.max_len < 4:
+        raise ValueError(f"config.max_len must be an int >= 4, got {config.max_len!r}")
+    t = config.train
+    if isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int) or t.batch_size < 1:
+        raise ValueError(f"config.train.batch_size must be a positive int, got {t.batch_size!r}")
+    train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule, t.warmup_steps, t.weight_decay)
+
+
+def _num_classes(config) -> int:
+    return 10 if config.data.name == "digits" else config.data.num_classes
+
+
+def _model_options(config, vocab_size: int) -> dict:
+    options = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+    options["num_classes"] = _num_classes(config)
+    if config.model.name == "transformer":
+        options.update(vocab_size=vocab_size, max_len=config.max_len)
+    return options
+
+
+def _text_arrays(config, splits: dict) -> tuple[dict, dict, int]:
+    """Tokenised train/test arrays {"tokens", "mask", "y"} and the vocabulary size."""
+    name = config.model.name
+    if name == "transformer":
+        tokenizer = WordTokenizer.fit(splits["train"]["texts"])
+
+        def encode(texts):
+            return tokenizer.encode_batch(texts, config.max_len)
+        vocab_size = tokenizer.vocab_size
+    else:
+        tokenizer = minilm_tokenizer() if name == "minilm" else pretrained_tokenizer(config.model.path)
+
+        def encode(texts):
+            enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=config.max_len,
+                            return_tensors="np")
+            return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.float32)
+        vocab_size = tokenizer.vocab_size
+    out = []
+    for split in ("train", "test"):
+        tokens, mask = encode(splits[split]["texts"])
+        out.append({"tokens": tokens, "mask": mask, "y": splits[split]["labels"]})
+    return out[0], out[1], vocab_size
+
+
+def run(config, workdir: Workdir) -> dict:
+    d = config.data
+    if d.name == "text":
+        splits = data_lib.make_text_classification(config.seed, d.num_classes, d.num_train, d.num_test, d.topic_prob)
+        train_arrays, test_arrays, vocab_size = _text_arrays(config, splits)
+    else:
+        splits = data_lib.load_digits(config.seed, d.test_fraction)
+        train_arrays, test_arrays, vocab_size = splits["train"], splits["test"], 1
+    model, params = models_lib.build_model(
+        config.model.name, jax.random.key(config.seed), data_lib.take(train_arrays, np.arange(1)),
+        **_model_options(config, vocab_size))
+    losses = models_lib.make_loss_fns(model)
+    t = config.train
+    optimizer = train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule,
+                                         t.warmup_steps, t.weight_decay)
+    num_train = len(train_arrays["y"])
+
+    def batch_at(step: int) -> dict:
+        return data_lib.take(train_arrays, data_lib.batch_indices(num_train, t.batch_size, step, config.seed))
+
+    eval_loss = jax.jit(losses.loss_fn)
+    correct = jax.jit(functools.partial(models_lib.per_example_correct, model))
+
+    def evaluate(p) -> dict:
+        return {"test_loss": float(eval_loss(p, test_arrays)),
+                "test_accuracy": float(jnp.mean(correct(p, test_arrays)))}
+
+    result = train_lib.train(
+        losses.loss_fn, params, optimizer, batch_at, t.num_steps, workdir=workdir,
+        checkpoint_every=t.checkpoint_every, eval_fn=evaluate, eval_every=t.eval_every, log_every=t.log_every,
+        quiet=config.get("quiet", False), description=f"train {model.name}",
+    )
+    return {
+        **result.eval_metrics,
+        "train_loss": result.final_loss,
+        "num_params": models_lib.count_params(result.params),
+        "resumed_from_step": result.resumed_from,
+    }
