@@ -20,8 +20,10 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q tests
 
+# The sketch benchmark's quick preset (prints the ratio table), then the end-to-end study.
 demo: install
-	$(PY) -m experiments.run --config configs/bench_sketch.py:quick --workdir $(WORKDIR)
+	$(PY) -m experiments.run --config configs/bench_sketch.py:quick --workdir $(WORKDIR)/bench_sketch
+	$(PY) -m experiments.run --config configs/demo.py --workdir $(WORKDIR)/fact_retrieval
 
 bench: install
 	$(PY) -m experiments.run --config configs/bench_sketch.py --workdir runs/bench_sketch

@@ -49,13 +49,13 @@ def run_experiment(config, workdir_path: str, quiet: bool = False) -> dict:
     """Runs one config end to end and returns the summary (also written to summary.json)."""
     if "experiment" not in config:
         raise ValueError("config.experiment is missing; it names the module in experiments/ to run")
-    module = load_experiment(config.experiment)
-    if hasattr(module, "validate_config"):
-        module.validate_config(config)
     workdir = Workdir(workdir_path)
     summary_path = workdir.file("summary.json")
     if os.path.exists(summary_path):  # a stale summary must never outlive a new (maybe failing) run
         os.remove(summary_path)
+    module = load_experiment(config.experiment)
+    if hasattr(module, "validate_config"):
+        module.validate_config(config)
     config_dict = config.to_dict()
     config_dict["quiet"] = bool(quiet)
     atomic_write_json(workdir.file("config.json"), config_dict)
