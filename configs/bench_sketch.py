@@ -30,7 +30,7 @@ def sketch_options() -> ml_collections.ConfigDict:
     """
     return ml_collections.ConfigDict({
         "affd": {"tables": "regenerate", "preconditioner": "hadamard"},
-        "afjl": {"tables": "regenerate", "preconditioner": "hadamard"},
+        "afjl": {"tables": "regenerate", "preconditioner": "hadamard", "diagonal": "gaussian"},
         "dense": {"distribution": "gaussian", "block_elements": 1 << 20},
         "ffd": {"tables": "regenerate"},
         "fjl": {"tables": "regenerate"},

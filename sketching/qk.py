@@ -109,7 +109,10 @@ def forward(plan, tables, x):
     shape = (plan.chunks, plan.chunk_size)
     u = (tables["signs"] * pad(x, plan.chunks * plan.chunk_size)).reshape(shape)
     u = T.kron_apply(tables["orthogonal"], u)
-    u = (tables["signs_2"].reshape(shape) * u).sum(axis=0)
+    u = tables["signs_2"].reshape(shape) * u
+    # The sum over chunks as a matvec: written as `.sum(axis=0)`, XLA's CPU backend fuses it with the
+    # rotation into a program ~60× slower under vmap (measured on per-example gradients).
+    u = jnp.dot(jnp.ones((plan.chunks,), u.dtype), u, precision=T.HIGHEST)
     return T.kron_apply(tables["gaussian"], u)
 
 

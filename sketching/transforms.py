@@ -87,15 +87,14 @@ def kron_apply(factors, x: jax.Array) -> jax.Array:
     if x.shape[-1] != math.prod(in_shape):
         raise ValueError(f"kron_apply: vector length {x.shape[-1]} != product of factor columns {in_shape}")
     batch = x.shape[:-1]
-    y = x.reshape(batch + in_shape)
-    k = len(factors)
-    for i, f in enumerate(factors):
-        axis = len(batch) + i
-        y = jnp.tensordot(y, f, axes=[[axis], [1]], precision=HIGHEST)  # new axis goes last
-        y = jnp.moveaxis(y, -1, axis)
-    out = math.prod(int(f.shape[0]) for f in factors)
-    del k
-    return y.reshape(batch + (out,))
+    y = x.reshape((-1,) + in_shape)
+    # Contract the last axis with the last factor, then rotate the new axis to the front of the
+    # factor axes; after k steps the axes are (m_1, …, m_k) in order. Every step is one plain matmul,
+    # which keeps XLA's layouts simple under vmap (measured faster than per-axis tensordots).
+    for f in reversed(factors):
+        y = jnp.matmul(y, f.T, precision=HIGHEST)
+        y = jnp.moveaxis(y, -1, 1)
+    return y.reshape(batch + (-1,))
 
 
 def fwht(x: jax.Array, max_block: int = 16) -> jax.Array:

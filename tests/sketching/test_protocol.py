@@ -16,7 +16,7 @@ VARIANTS = [
     ("dense", {}), ("dense", {"distribution": "rademacher", "block_elements": 1000}),
     ("fjl", {}), ("ffd", {}), ("sjlt", {}), ("sjlt", {"nnz": 3}),
     ("affd", {}), ("affd", {"preconditioner": "hartley"}), ("affd", {"preconditioner": "orthogonal", "block": 4}),
-    ("afjl", {}), ("afjl", {"preconditioner": "hartley"}), ("afjl", {"preconditioner": "orthogonal", "block": 4}),
+    ("afjl", {}), ("afjl", {"diagonal": "rademacher"}), ("afjl", {"preconditioner": "hartley"}), ("afjl", {"preconditioner": "orthogonal", "block": 4}),
     ("qk", {}), ("qk", {"num_factors": 3, "factor_size": 8}),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in VARIANTS]
