@@ -48,12 +48,7 @@ def validate_config(config) -> None:
     models_lib.validate_model_config(config.model.name, options)
     if config.model.name == "pretrained" and options["task"] != "classification":
         raise ValueError("config.model.task must be 'classification' for finetune_classifier")
-    if isinstance(config.max_len, bool) or not isinstance(config.max_len, int) or config.max_len < 4:
-        raise ValueError(f"config.max_len must be an int >= 4, got {config.max_len!r}")
-    t = config.train
-    if isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int) or t.batch_size < 1:
-        raise ValueError(f"config.train.batch_size must be a positive int, got {t.batch_size!r}")
-    train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule, t.warmup_steps, t.weight_decay)
+    train_lib.validate_train_section(config, min_max_len=4)
 
 
 def _num_classes(config) -> int:

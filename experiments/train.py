@@ -23,7 +23,6 @@ import dataclasses
 import glob
 import os
 import re
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -34,12 +33,22 @@ import safetensors.numpy
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from experiments.workdir import Workdir
+from experiments.workdir import Workdir, atomic_write_bytes
 
 PyTree = Any
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 _CKPT_RE = re.compile(r"ckpt_(\d+)\.safetensors$")
+
+
+def validate_train_section(config, min_max_len: int) -> None:
+    """Checks `config.max_len` (>= min_max_len), `config.train.batch_size` and the optimizer fields."""
+    if isinstance(config.max_len, bool) or not isinstance(config.max_len, int) or config.max_len < min_max_len:
+        raise ValueError(f"config.max_len must be an int >= {min_max_len}, got {config.max_len!r}")
+    t = config.train
+    if isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int) or t.batch_size < 1:
+        raise ValueError(f"config.train.batch_size must be a positive int, got {t.batch_size!r}")
+    make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule, t.warmup_steps, t.weight_decay)
 
 
 def make_optimizer(name: str, learning_rate: float, num_steps: int, schedule: str = "constant",
@@ -94,19 +103,7 @@ def save_checkpoint(path: str, step: int, params: PyTree, opt_state: PyTree) -> 
     arrays = {name: np.ascontiguousarray(np.asarray(leaf))
               for name, leaf in {**_named_leaves("params", params), **_named_leaves("opt_state", opt_state)}.items()}
     blob = safetensors.numpy.save(arrays, metadata={"step": str(int(step))})
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, blob)
 
 
 def restore_checkpoint(path: str, params_template: PyTree, opt_state_template: PyTree) -> tuple[int, PyTree, PyTree]:

@@ -55,12 +55,7 @@ def validate_config(config) -> None:
     models_lib.validate_model_config("transformer", {**model, "vocab_size": 1, "max_len": 1})
     if model.get("num_classes", 0):
         raise ValueError("config.model.num_classes must be 0 (a language model) for planted facts")
-    if isinstance(config.max_len, bool) or not isinstance(config.max_len, int) or config.max_len < 8:
-        raise ValueError(f"config.max_len must be an int >= 8, got {config.max_len!r}")
-    t = config.train
-    if isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int) or t.batch_size < 1:
-        raise ValueError(f"config.train.batch_size must be a positive int, got {t.batch_size!r}")
-    train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule, t.warmup_steps, t.weight_decay)
+    train_lib.validate_train_section(config, min_max_len=8)
 
 
 @dataclasses.dataclass

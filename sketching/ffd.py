@@ -18,7 +18,6 @@ Options: tables, block.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -26,19 +25,7 @@ import jax.numpy as jnp
 
 from sketching import transforms as T
 from sketching.base import Algorithm, register
-from sketching.layout import crop, next_power_of_two, pad
-
-
-@dataclasses.dataclass(frozen=True)
-class FFDPlan:
-    d: int
-    n: int
-    m: int
-    block: int
-
-
-def make_plan(layout, m, block=None):
-    return FFDPlan(d=layout.size, n=next_power_of_two(layout.size), m=m, block=T.check_block(block))
+from sketching.layout import crop, pad
 
 
 def small_tables(key, plan, dtype):
@@ -73,7 +60,7 @@ def adjoint(plan, tables, y):
 
 register(Algorithm(
     name="ffd",
-    make_plan=make_plan,
+    make_plan=T.hadamard_plan,
     small_tables=small_tables,
     large_tables=large_tables,
     forward=forward,

@@ -9,7 +9,6 @@ Options: tables ("regenerate" | "store"), block (largest Hadamard factor).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -17,19 +16,7 @@ import jax.numpy as jnp
 
 from sketching import transforms as T
 from sketching.base import Algorithm, register
-from sketching.layout import crop, next_power_of_two, pad
-
-
-@dataclasses.dataclass(frozen=True)
-class FJLPlan:
-    d: int
-    n: int
-    m: int
-    block: int
-
-
-def make_plan(layout, m, block=None):
-    return FJLPlan(d=layout.size, n=next_power_of_two(layout.size), m=m, block=T.check_block(block))
+from sketching.layout import crop, pad
 
 
 def small_tables(key, plan, dtype):
@@ -52,7 +39,7 @@ def adjoint(plan, tables, y):
 
 register(Algorithm(
     name="fjl",
-    make_plan=make_plan,
+    make_plan=T.hadamard_plan,
     small_tables=small_tables,
     large_tables=large_tables,
     forward=forward,

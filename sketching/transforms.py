@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sketching.layout import next_power_of_two
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 # Fixed fold_in tags, one per random component (SPEC §7.6): never reuse a key for two components.
@@ -177,7 +179,7 @@ class Mixer:
         """Smallest admissible n >= size for this kind."""
         if kind == "hartley":
             return int(size)
-        return 1 << max(0, (int(size) - 1).bit_length())
+        return next_power_of_two(size)
 
     def tables(self, key: jax.Array, dtype) -> tuple:
         if self.kind != "orthogonal":
@@ -209,3 +211,17 @@ def check_block(block) -> int:
     if not isinstance(block, int) or block < 2 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 2 (largest Hadamard/orthogonal factor), got {block!r}")
     return block
+
+
+@dataclasses.dataclass(frozen=True)
+class HadamardPlan:
+    """Sizes of a sketch over the zero-padded vector of length n = 2^⌈log2 D⌉ (fjl, ffd)."""
+
+    d: int
+    n: int
+    m: int
+    block: int
+
+
+def hadamard_plan(layout, m, block=None) -> HadamardPlan:
+    return HadamardPlan(d=layout.size, n=next_power_of_two(layout.size), m=m, block=check_block(block))
