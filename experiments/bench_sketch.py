@@ -313,25 +313,26 @@ def format_tables(records: Sequence[Mapping], title: str = "Sketch benchmark") -
         body = [[f"2^{k}", str(m)] + [cell(k, m, n, field, unit) for n in names] for k, m in grid]
         return _markdown(["D", "m"] + names, body)
 
+    others = [n for n in names if n != "dense"]
+
+    def dense_ratio_section(prefix, heading):
+        """One row per (D, m) of `rows[(D, m)][prefix/<sketch>]`; empty unless dense and another sketch ran."""
+        if "dense" not in names or not others:
+            return []
+        body = [
+            [f"2^{k}", str(m)] + [_fmt(rows.get((k, m), {}).get(f"{prefix}/{n}"), "x") for n in others]
+            for k, m in grid
+        ]
+        return [heading, _markdown(["D", "m"] + others, body)]
+
     sections = [f"## {title}"]
     sections += ["### Wall time of the jitted apply (median, ms)", value_table("median_ms")]
-    others = [n for n in names if n != "dense"]
-    if "dense" in names and others:
-        body = [
-            [f"2^{k}", str(m)] + [_fmt(rows.get((k, m), {}).get(f"speedup_vs_dense/{n}"), "x") for n in others]
-            for k, m in grid
-        ]
-        sections += ["### Speed-up vs dense (dense time / sketch time; > 1: the sketch is faster)",
-                     _markdown(["D", "m"] + others, body)]
+    sections += dense_ratio_section(
+        "speedup_vs_dense", "### Speed-up vs dense (dense time / sketch time; > 1: the sketch is faster)")
     sections += ["### Compiled temporary memory (XLA memory analysis, MB)", value_table("temp_mb")]
     sections += ["### Temporary memory in units of D floats (a D×m matrix would be ≈ m)", value_table("temp_D_floats")]
-    if "dense" in names and others:
-        body = [
-            [f"2^{k}", str(m)] + [_fmt(rows.get((k, m), {}).get(f"memory_ratio_vs_dense/{n}"), "x") for n in others]
-            for k, m in grid
-        ]
-        sections += ["### Memory ratio vs dense (dense temp / sketch temp; > 1: the sketch needs less)",
-                     _markdown(["D", "m"] + others, body)]
+    sections += dense_ratio_section(
+        "memory_ratio_vs_dense", "### Memory ratio vs dense (dense temp / sketch temp; > 1: the sketch needs less)")
     sections += ["### Peak RSS rise during the calls (MB)", value_table("rss_peak_mb")]
     pairs = [(a, b) for a, b in PAIRS if a in names and b in names]
     if pairs:
