@@ -1,0 +1,20 @@
+"""Loss-landscape studies on (sketched) Hessian-vector products: Lanczos/Arnoldi spectra, SLQ spectral
+density, Hutchinson trace, the paper's spectrum metrics (RNEG, R ratios, outliers, gradient alignment)."""
+from landscape.density import SpectralDensity, TraceEstimate, hutchinson, probe_vectors, slq
+from landscape.lanczos import KrylovResult, arnoldi, lanczos
+from landscape.metrics import (
+    gap_outlier_count,
+    gradient_alignment,
+    outlier_count,
+    r_ratios,
+    relative_errors,
+    rneg,
+    subspace_overlap,
+)
+from landscape.operators import hvp_fn, mean_gradient
+
+__all__ = [
+    "KrylovResult", "SpectralDensity", "TraceEstimate", "arnoldi", "gap_outlier_count", "gradient_alignment",
+    "hutchinson", "hvp_fn", "lanczos", "mean_gradient", "outlier_count", "probe_vectors", "r_ratios",
+    "relative_errors", "rneg", "slq", "subspace_overlap",
+]
