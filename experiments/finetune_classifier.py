@@ -9,7 +9,9 @@ Reports `test_accuracy`, `test_loss`, `train_loss` and the parameter count; chec
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,17 +89,40 @@ def _text_arrays(config, splits: dict) -> tuple[dict, dict, int]:
     return out[0], out[1], vocab_size
 
 
-def run(config, workdir: Workdir) -> dict:
+def _keep_classes(arrays: dict, num_classes: int) -> dict:
+    return data_lib.take(arrays, np.flatnonzero(np.asarray(arrays["y"]) < num_classes))
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a classifier experiment needs: model, initial params, data, optimizer and batches."""
+
+    model: models_lib.Model
+    params: Any
+    train_arrays: dict
+    test_arrays: dict
+    optimizer: Any
+    batch_at: Callable[[int], dict]
+    evaluate: Callable[[Any], dict]
+
+
+def prepare(config, num_classes: int | None = None) -> Setup:
+    """Builds the data, model and optimizer of a finetune_classifier-style config. `num_classes`
+    overrides the class count: the text set is generated with that many classes, digits keeps the
+    classes 0..num_classes−1 (the class-count sweeps of experiments/hessian_spectrum.py)."""
     d = config.data
+    classes = _num_classes(config) if num_classes is None else num_classes
     if d.name == "text":
-        splits = data_lib.make_text_classification(config.seed, d.num_classes, d.num_train, d.num_test, d.topic_prob)
+        splits = data_lib.make_text_classification(config.seed, classes, d.num_train, d.num_test, d.topic_prob)
         train_arrays, test_arrays, vocab_size = _text_arrays(config, splits)
     else:
         splits = data_lib.load_digits(config.seed, d.test_fraction)
         train_arrays, test_arrays, vocab_size = splits["train"], splits["test"], 1
+        train_arrays, test_arrays = _keep_classes(train_arrays, classes), _keep_classes(test_arrays, classes)
+    options = _model_options(config, vocab_size)
+    options["num_classes"] = classes
     model, params = models_lib.build_model(
-        config.model.name, jax.random.key(config.seed), data_lib.take(train_arrays, np.arange(1)),
-        **_model_options(config, vocab_size))
+        config.model.name, jax.random.key(config.seed), data_lib.take(train_arrays, np.arange(1)), **options)
     losses = models_lib.make_loss_fns(model)
     t = config.train
     optimizer = train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule,
@@ -114,9 +139,16 @@ def run(config, workdir: Workdir) -> dict:
         return {"test_loss": float(eval_loss(p, test_arrays)),
                 "test_accuracy": float(jnp.mean(correct(p, test_arrays)))}
 
+    return Setup(model, params, train_arrays, test_arrays, optimizer, batch_at, evaluate)
+
+
+def run(config, workdir: Workdir) -> dict:
+    setup = prepare(config)
+    model, t = setup.model, config.train
+    losses = models_lib.make_loss_fns(model)
     result = train_lib.train(
-        losses.loss_fn, params, optimizer, batch_at, t.num_steps, workdir=workdir,
-        checkpoint_every=t.checkpoint_every, eval_fn=evaluate, eval_every=t.eval_every, log_every=t.log_every,
+        losses.loss_fn, setup.params, setup.optimizer, setup.batch_at, t.num_steps, workdir=workdir,
+        checkpoint_every=t.checkpoint_every, eval_fn=setup.evaluate, eval_every=t.eval_every, log_every=t.log_every,
         quiet=config.get("quiet", False), description=f"train {model.name}",
     )
     return {

@@ -33,6 +33,7 @@ fluctuations ≈ ‖A‖_F/√m (SPEC §3.5); Ritz vectors come back in sketch s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -182,7 +183,7 @@ def _orthogonalise_three_term(basis: jax.Array, w: jax.Array, j: jax.Array) -> t
     return w - jnp.matmul(h, basis, precision=_HIGHEST), h
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)  # the basis is updated in place, not copied each step
 def _normalise_into(basis: jax.Array, w: jax.Array, norm: jax.Array, row: jax.Array) -> jax.Array:
     return basis.at[row].set(w / norm)
 

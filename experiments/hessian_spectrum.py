@@ -1,0 +1,323 @@
+"""Experiment `hessian_spectrum`: Hessian spectra of C-class classifiers over training, with the full and
+the sketched Krylov basis (SPEC §4.2; the paper's Fig. 2/5/6 in miniature; LANDSCAPE.md §6).
+
+For each study (a classifier config: data, model, train) and each checkpoint step s:
+  H   = Hessian of the mean loss over a fixed subset (the first `spectrum.num_examples` training
+        examples, in batches; landscape.hvp_fn);
+  full     Lanczos (num_iters steps, basis in R^D, float64 Krylov arithmetic) → λ_max, λ_min,
+           RNEG = |λ⁻|/λ⁺_1, R(n) = λ⁺_n/λ⁺_1, outliers (R > 20%, and the gap detector), alignment
+           ‖P_k g‖²/‖g‖² of the full-subset gradient with the top-k Ritz space (k = C by default;
+           a random k-subspace would give k/D);
+  sketched Lanczos on Φ H Φᵀ (basis in R^m; the paper's memory trick) → the same metrics, and the
+           relative error of its top eigenvalues against the full run.
+At the first and last checkpoint: SLQ density (Rademacher probes) and Hutchinson trace.
+Class sweep: the model retrained for each C in `class_counts` → outlier count vs C.
+Memory benchmark (`memory.enabled`): k Lanczos steps on a transformer LM with and without the
+sketched basis → Krylov-basis bytes (ratio D/m by construction), measured peak RSS and wall time.
+
+Outputs: metrics.jsonl (one record per study/checkpoint), spectrum_<study>.png, outliers_vs_classes.png,
+density_<study>.png, and summary.json with flat keys `<study>/step<s>/<metric>` and `<study>/...`.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import landscape
+import sketching
+from experiments import data as data_lib
+from experiments import finetune_classifier
+from experiments import models as models_lib
+from experiments import train as train_lib
+from experiments.plots import Panel, save_panel_grid
+from experiments.timing import PeakRSS
+from experiments.workdir import Workdir
+
+_SPECTRUM_FIELDS = {"num_examples", "batch_size", "num_iters", "float64", "sketch", "sketch_m", "sketched_iters",
+                    "num_ratios", "alignment_k", "slq_probes", "slq_iters", "slq_sigma_squared", "hutchinson_probes"}
+_STUDY_EXTRA_FIELDS = {"checkpoints", "class_counts"}
+
+
+def _positive_int(where: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be a positive int, got {value!r}")
+
+
+def validate_config(config) -> None:
+    for name in config.studies:
+        if name not in config:
+            raise ValueError(f"config.studies names {name!r} but config.{name} is missing")
+        study = config[name]
+        checkpoints = tuple(study.checkpoints)
+        if not checkpoints or list(checkpoints) != sorted(set(checkpoints)) or checkpoints[0] < 0:
+            raise ValueError(f"config.{name}.checkpoints must be increasing steps >= 0, got {checkpoints}")
+        if checkpoints[-1] > study.train.num_steps:
+            raise ValueError(f"config.{name}.checkpoints ends at {checkpoints[-1]} > train.num_steps={study.train.num_steps}")
+        for count in study.class_counts:
+            if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+                raise ValueError(f"config.{name}.class_counts must hold ints >= 2, got {tuple(study.class_counts)}")
+        plain = ml_collections.ConfigDict({key: value for key, value in study.to_dict().items()
+                                            if key not in _STUDY_EXTRA_FIELDS})
+        finetune_classifier.validate_config(plain)
+    s = config.spectrum
+    unknown = sorted(set(s) - _SPECTRUM_FIELDS)
+    if unknown:
+        raise ValueError(f"config.spectrum has unknown fields {unknown}; allowed fields: {sorted(_SPECTRUM_FIELDS)}")
+    for field in ("num_examples", "batch_size", "num_iters", "sketch_m", "sketched_iters", "num_ratios",
+                  "slq_probes", "slq_iters", "hutchinson_probes"):
+        _positive_int(f"config.spectrum.{field}", s[field])
+    if s.sketch != "none" and s.sketch not in sketching.NAMES:
+        raise ValueError(f"config.spectrum.sketch={s.sketch!r}; allowed values: {list(sketching.NAMES) + ['none']}")
+    if isinstance(s.alignment_k, bool) or not isinstance(s.alignment_k, int) or s.alignment_k < 0:
+        raise ValueError(f"config.spectrum.alignment_k must be an int >= 0 (0: the number of classes), got {s.alignment_k!r}")
+    if config.memory.enabled:
+        m = config.memory
+        _positive_int("config.memory.num_iters", m.num_iters)
+        _positive_int("config.memory.sketch_m", m.sketch_m)
+        if m.sketch not in sketching.NAMES:
+            raise ValueError(f"config.memory.sketch={m.sketch!r}; allowed values: {list(sketching.NAMES)}")
+        models_lib.validate_model_config("transformer", m.model.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# One spectrum
+# ----------------------------------------------------------------------------------------------
+
+def _subset_batches(arrays: dict, num_examples: int, batch_size: int) -> list[dict]:
+    count = min(num_examples, len(arrays["y"]))
+    return [data_lib.take(arrays, np.arange(start, min(start + batch_size, count)))
+            for start in range(0, count, batch_size)]
+
+
+def _spectrum_metrics(result: landscape.KrylovResult, gradient, k: int, num_ratios: int) -> dict:
+    values = result.eigenvalues
+    metrics = {
+        "lambda_max": float(values[0]),
+        "lambda_min": float(values[-1]),
+        "rneg": landscape.rneg(values),
+        "outliers": landscape.outlier_count(values),
+        "gap_outliers": landscape.gap_outlier_count(values),
+        f"alignment_top{k}": landscape.gradient_alignment(result, gradient, k),
+        "max_residual_top5": float(np.max(result.residual_norms[:5])),
+    }
+    for n, ratio in enumerate(landscape.r_ratios(values, num_ratios), start=1):
+        if n > 1:
+            metrics[f"R{n}"] = float(ratio)
+    return metrics
+
+
+def _krylov_context(spectrum):
+    return jax.enable_x64(True) if spectrum.float64 else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def spectrum_at(loss_fn, params, batches, spectrum, k: int, key) -> dict:
+    """Full and sketched Lanczos at one parameter point; flat metrics (`sketched/...` for the latter)."""
+    matvec = landscape.hvp_fn(loss_fn, params, batches)
+    gradient = landscape.mean_gradient(loss_fn, params, batches)
+    num_params = models_lib.count_params(params)
+    out = {"num_params": num_params, "random_alignment": k / num_params}
+    with _krylov_context(spectrum):
+        start = time.perf_counter()
+        full = landscape.lanczos(matvec, params, min(spectrum.num_iters, num_params), key)
+        out["seconds_full"] = time.perf_counter() - start
+        out.update(_spectrum_metrics(full, gradient, k, spectrum.num_ratios))
+        if spectrum.sketch != "none":
+            sketch = sketching.get(spectrum.sketch, spectrum.sketch_m)
+            start = time.perf_counter()
+            sketched = landscape.lanczos(matvec, params, min(spectrum.sketched_iters, spectrum.sketch_m), key,
+                                         sketch=sketch)
+            out["seconds_sketched"] = time.perf_counter() - start
+            for name, value in _spectrum_metrics(sketched, gradient, k, spectrum.num_ratios).items():
+                out[f"sketched/{name}"] = value
+            top = min(10, full.num_iters, sketched.num_iters)
+            errors = landscape.relative_errors(sketched.eigenvalues, full.eigenvalues, top)
+            out[f"sketched/top{top}_max_rel_err"] = float(errors.max())
+            out[f"sketched/top{top}_mean_rel_err"] = float(errors.mean())
+    return out
+
+
+def density_at(loss_fn, params, batches, spectrum, key) -> tuple[landscape.SpectralDensity, landscape.TraceEstimate]:
+    matvec = landscape.hvp_fn(loss_fn, params, batches)
+    num_params = models_lib.count_params(params)
+    with _krylov_context(spectrum):
+        density = landscape.slq(matvec, params, min(spectrum.slq_iters, num_params), spectrum.slq_probes, key)
+        trace = landscape.hutchinson(matvec, params, spectrum.hutchinson_probes, key)
+    return density, trace
+
+
+# ----------------------------------------------------------------------------------------------
+# Studies
+# ----------------------------------------------------------------------------------------------
+
+def _train_to(setup, loss_fn, params, step: int, folder: Workdir, quiet: bool, name: str):
+    if step == 0:
+        return params
+    result = train_lib.train(loss_fn, params, setup.optimizer, setup.batch_at, step, workdir=folder,
+                             keep_checkpoints=1, log_every=max(1, step // 10), quiet=quiet,
+                             description=f"train {name} to {step}")
+    return result.params
+
+
+def _run_study(name: str, study, config, workdir: Workdir, quiet: bool) -> tuple[dict, list[dict]]:
+    spectrum = config.spectrum
+    setup = finetune_classifier.prepare(study)
+    num_classes = int(np.max(setup.train_arrays["y"])) + 1
+    k = spectrum.alignment_k or num_classes
+    loss_fn = models_lib.make_loss_fns(setup.model).loss_fn
+    batches = _subset_batches(setup.train_arrays, spectrum.num_examples, spectrum.batch_size)
+    key = jax.random.key(config.seed)
+    folder = Workdir(workdir.file(f"{name}_train"))
+    summary, records, densities = {}, [], {}
+    params = setup.params
+    checkpoints = tuple(study.checkpoints)
+    for step in checkpoints:
+        params = _train_to(setup, loss_fn, setup.params, step, folder, quiet, name)
+        record = {"study": name, "checkpoint": step, **setup.evaluate(params),
+                  **spectrum_at(loss_fn, params, batches, spectrum, k, key)}
+        workdir.log(step, **record)
+        records.append(record)
+        for metric, value in record.items():
+            if metric not in ("study", "checkpoint") and isinstance(value, (int, float)):
+                summary[f"{name}/step{step}/{metric}"] = value
+        if step in (checkpoints[0], checkpoints[-1]):
+            density, trace = density_at(loss_fn, params, batches, spectrum, key)
+            densities[step] = density
+            summary[f"{name}/step{step}/slq_negative_mass"] = density.negative_mass()
+            summary[f"{name}/step{step}/slq_trace"] = density.trace()
+            summary[f"{name}/step{step}/hutchinson_trace"] = trace.mean
+            summary[f"{name}/step{step}/hutchinson_trace_stderr"] = trace.stderr
+    for count in study.class_counts:
+        sweep = finetune_classifier.prepare(study, num_classes=count)
+        sweep_loss = models_lib.make_loss_fns(sweep.model).loss_fn
+        sweep_params = _train_to(sweep, sweep_loss, sweep.params, checkpoints[-1],
+                                 Workdir(workdir.file(f"{name}_C{count}_train")), quiet, f"{name} C={count}")
+        sweep_batches = _subset_batches(sweep.train_arrays, spectrum.num_examples, spectrum.batch_size)
+        num_params = models_lib.count_params(sweep_params)
+        with _krylov_context(spectrum):
+            result = landscape.lanczos(landscape.hvp_fn(sweep_loss, sweep_params, sweep_batches), sweep_params,
+                                       min(spectrum.num_iters, num_params), key)
+        summary[f"{name}/C{count}/outliers"] = landscape.outlier_count(result.eigenvalues)
+        summary[f"{name}/C{count}/gap_outliers"] = landscape.gap_outlier_count(result.eigenvalues)
+        summary[f"{name}/C{count}/rneg"] = landscape.rneg(result.eigenvalues)
+        summary[f"{name}/C{count}/test_accuracy"] = sweep.evaluate(sweep_params)["test_accuracy"]
+    _plot_study(name, records, densities, spectrum, workdir)
+    return summary, records
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory benchmark
+# ----------------------------------------------------------------------------------------------
+
+def _run_memory(config) -> dict:
+    m = config.memory
+    rng = np.random.default_rng(config.seed)
+    options = m.model.to_dict()
+    tokens = rng.integers(0, options["vocab_size"], (m.num_examples, options["max_len"])).astype(np.int32)
+    batch = data_lib.lm_arrays(tokens, np.ones(tokens.shape, np.float32))
+    model, params = models_lib.build_model("transformer", jax.random.key(config.seed), batch, **options)
+    loss_fn = models_lib.make_loss_fns(model).loss_fn
+    matvec = landscape.hvp_fn(loss_fn, params, [batch])
+    num_params = models_lib.count_params(params)
+    key = jax.random.key(config.seed)
+    out = {"memory/num_params": num_params, "memory/num_iters": m.num_iters, "memory/sketch_m": m.sketch_m}
+    runs = (("sketched", sketching.get(m.sketch, m.sketch_m)), ("full", None))
+    with _krylov_context(config.spectrum):
+        jax.block_until_ready(matvec(params))  # compile the HVP outside the measured window
+        for label, sketch in runs:  # sketched first: its small peak is not hidden by the full run's pages
+            # A first, unmeasured run compiles every program, so the measured window holds only the
+            # Krylov state and the HVP's working memory (D·O(1)), not XLA's compiler.
+            jax.block_until_ready(landscape.lanczos(matvec, params, m.num_iters, key, sketch=sketch).basis)
+            with PeakRSS() as peak:
+                start = time.perf_counter()
+                result = landscape.lanczos(matvec, params, m.num_iters, key, sketch=sketch, progress=not config.get("quiet", False))
+                jax.block_until_ready(result.basis)
+                seconds = time.perf_counter() - start
+            out[f"memory/{label}/seconds"] = seconds
+            out[f"memory/{label}/peak_rss_delta_bytes"] = peak.peak_delta_bytes
+            out[f"memory/{label}/basis_bytes"] = int(result.basis.size * result.basis.dtype.itemsize)
+            out[f"memory/{label}/lambda_max"] = float(result.eigenvalues[0])
+            del result
+    out["memory/basis_ratio_full_over_sketched"] = out["memory/full/basis_bytes"] / out["memory/sketched/basis_bytes"]
+    out["memory/peak_ratio_full_over_sketched"] = (out["memory/full/peak_rss_delta_bytes"]
+                                                   / max(out["memory/sketched/peak_rss_delta_bytes"], 1))
+    out["memory/time_ratio_full_over_sketched"] = out["memory/full/seconds"] / out["memory/sketched/seconds"]
+    out["memory/D_over_m"] = num_params / m.sketch_m
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots and entry point
+# ----------------------------------------------------------------------------------------------
+
+def _plot_study(name: str, records: list[dict], densities: dict, spectrum, workdir: Workdir) -> None:
+    steps = [max(r["checkpoint"], 1) for r in records]  # log2 x axis: step 0 is drawn at 1
+    k_key = next(key for key in records[0] if key.startswith("alignment_top"))
+    has_sketch = any(key.startswith("sketched/") for key in records[0])
+
+    def series(metric):
+        out = {"full basis": (steps, [r[metric] for r in records])}
+        if has_sketch:
+            out[f"sketched ({spectrum.sketch}, m={spectrum.sketch_m})"] = (steps, [r[f"sketched/{metric}"] for r in records])
+        return out
+
+    alignment = series(k_key)
+    alignment["random subspace (k/D)"] = (steps, [r["random_alignment"] for r in records])
+    ratio_series = {f"step {r['checkpoint']}": (list(range(2, spectrum.num_ratios + 1)),
+                                                [r.get(f"R{n}", np.nan) for n in range(2, spectrum.num_ratios + 1)])
+                    for r in records}
+    row1 = [Panel("RNEG = |λ⁻| / λ⁺₁", "training step", "RNEG", series("rneg")),
+            Panel("λ_max", "training step", "λ_max", series("lambda_max")),
+            Panel(f"gradient alignment with top-{k_key[len('alignment_top'):]}", "training step",
+                  "‖P_k g‖² / ‖g‖²", alignment)]
+    row2 = [Panel("R(n) = λ⁺ₙ / λ⁺₁", "n", "R(n)", ratio_series, logx=False),
+            Panel("outliers (R > 20%)", "training step", "count", series("outliers"), logy=False),
+            Panel("test accuracy", "training step", "accuracy",
+                  {"model": (steps, [r["test_accuracy"] for r in records])}, logy=False)]
+    save_panel_grid(workdir.file(f"spectrum_{name}.png"), [row1, row2], suptitle=f"Hessian spectrum over training: {name}")
+    density_series = {}
+    for step, density in densities.items():
+        grid, phi = density.density(sigma_squared=spectrum.slq_sigma_squared, num_points=2000)
+        keep = np.arange(0, grid.size, 10)
+        density_series[f"step {step}"] = (grid[keep], phi[keep] + 1e-7)
+    save_panel_grid(workdir.file(f"density_{name}.png"),
+                    [[Panel(f"SLQ spectral density ({spectrum.slq_probes} probes, {spectrum.slq_iters} steps)",
+                            "eigenvalue", "density + 1e-7", density_series, logx=False)]],
+                    suptitle=f"{name}")
+
+
+def _plot_outliers(summary: dict, config, workdir: Workdir) -> None:
+    series = {}
+    for name in config.studies:
+        counts = tuple(config[name].class_counts)
+        if counts:
+            series[f"{name} (R > 20%)"] = (list(counts), [summary[f"{name}/C{c}/outliers"] for c in counts])
+            series[f"{name} (gap)"] = (list(counts), [summary[f"{name}/C{c}/gap_outliers"] for c in counts])
+    if series:
+        series["C (conjecture)"] = (sorted({c for name in config.studies for c in config[name].class_counts}),) * 2
+        save_panel_grid(workdir.file("outliers_vs_classes.png"),
+                        [[Panel("outlier count vs number of classes", "classes C", "outliers", series,
+                                logx=False, logy=False)]])
+
+
+def run(config, workdir: Workdir) -> dict:
+    quiet = config.get("quiet", False)
+    summary = {}
+    for name in config.studies:
+        study_summary, _ = _run_study(name, config[name], config, workdir, quiet)
+        summary.update(study_summary)
+    _plot_outliers(summary, config, workdir)
+    if config.memory.enabled:
+        summary.update(_run_memory(config))
+    return summary
