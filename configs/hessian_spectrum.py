@@ -9,8 +9,9 @@ Presets:
   memory   the memory benchmark only: k = 100 Lanczos iterations on a D ≈ 2.1M transformer LM with
            and without the sketched Krylov basis (peak memory, time; goal: ratio ≈ D/m)
 Each study is a finetune_classifier-style section (data, model, train, max_len, seed) plus
-`checkpoints` (training steps at which the spectrum is computed) and `class_counts` (the outlier-count
-vs C sweep: digits keeps classes 0..C−1, the text set is generated with C classes).
+`checkpoints` (training steps at which the spectrum is computed), `class_counts` (the outlier-count
+vs C sweep: digits keeps classes 0..C−1, the text set is generated with C classes) and optionally
+`spectrum` (overrides of the global `spectrum` section for that study).
 """
 import ml_collections
 
@@ -43,6 +44,10 @@ def get_config(arg=None):
 
     config.text_minilm = _study(None, (0, 20, 60, 150), (2, 4))
     config.text_minilm.train.update(num_steps=150, warmup_steps=10, checkpoint_every=0, eval_every=0, log_every=10)
+    # D = 22.7M: a float32 Krylov basis (41 × D × 4 bytes = 3.7 GB) and smaller budgets on CPU.
+    config.text_minilm.spectrum = ml_collections.ConfigDict(dict(
+        num_examples=128, batch_size=64, num_iters=40, sketched_iters=40, float64=False, slq_probes=2,
+        slq_iters=30, hutchinson_probes=10))
 
     config.spectrum = ml_collections.ConfigDict(dict(
         num_examples=512,        # the fixed HVP subset: the first examples of the training split

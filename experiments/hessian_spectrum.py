@@ -39,7 +39,7 @@ from experiments.workdir import Workdir
 
 _SPECTRUM_FIELDS = {"num_examples", "batch_size", "num_iters", "float64", "sketch", "sketch_m", "sketched_iters",
                     "num_ratios", "alignment_k", "slq_probes", "slq_iters", "slq_sigma_squared", "hutchinson_probes"}
-_STUDY_EXTRA_FIELDS = {"checkpoints", "class_counts"}
+_STUDY_EXTRA_FIELDS = {"checkpoints", "class_counts", "spectrum"}
 
 
 def _positive_int(where: str, value) -> None:
@@ -63,17 +63,14 @@ def validate_config(config) -> None:
         plain = ml_collections.ConfigDict({key: value for key, value in study.to_dict().items()
                                             if key not in _STUDY_EXTRA_FIELDS})
         finetune_classifier.validate_config(plain)
-    s = config.spectrum
-    unknown = sorted(set(s) - _SPECTRUM_FIELDS)
+        unknown = sorted(set(study.get("spectrum", {})) - _SPECTRUM_FIELDS)
+        if unknown:
+            raise ValueError(f"config.{name}.spectrum has unknown fields {unknown}; allowed fields: {sorted(_SPECTRUM_FIELDS)}")
+        _validate_spectrum(study_spectrum(config, name), f"config.{name}.spectrum")
+    unknown = sorted(set(config.spectrum) - _SPECTRUM_FIELDS)
     if unknown:
         raise ValueError(f"config.spectrum has unknown fields {unknown}; allowed fields: {sorted(_SPECTRUM_FIELDS)}")
-    for field in ("num_examples", "batch_size", "num_iters", "sketch_m", "sketched_iters", "num_ratios",
-                  "slq_probes", "slq_iters", "hutchinson_probes"):
-        _positive_int(f"config.spectrum.{field}", s[field])
-    if s.sketch != "none" and s.sketch not in sketching.NAMES:
-        raise ValueError(f"config.spectrum.sketch={s.sketch!r}; allowed values: {list(sketching.NAMES) + ['none']}")
-    if isinstance(s.alignment_k, bool) or not isinstance(s.alignment_k, int) or s.alignment_k < 0:
-        raise ValueError(f"config.spectrum.alignment_k must be an int >= 0 (0: the number of classes), got {s.alignment_k!r}")
+    _validate_spectrum(config.spectrum, "config.spectrum")
     if config.memory.enabled:
         m = config.memory
         _positive_int("config.memory.num_iters", m.num_iters)
@@ -81,6 +78,23 @@ def validate_config(config) -> None:
         if m.sketch not in sketching.NAMES:
             raise ValueError(f"config.memory.sketch={m.sketch!r}; allowed values: {list(sketching.NAMES)}")
         models_lib.validate_model_config("transformer", m.model.to_dict())
+
+
+def study_spectrum(config, name: str):
+    """config.spectrum with the study's own `spectrum` overrides (e.g. smaller budgets for MiniLM)."""
+    merged = ml_collections.ConfigDict(config.spectrum.to_dict())
+    merged.update(config[name].get("spectrum", {}))
+    return merged
+
+
+def _validate_spectrum(s, where: str) -> None:
+    for field in ("num_examples", "batch_size", "num_iters", "sketch_m", "sketched_iters", "num_ratios",
+                  "slq_probes", "slq_iters", "hutchinson_probes"):
+        _positive_int(f"{where}.{field}", s[field])
+    if s.sketch != "none" and s.sketch not in sketching.NAMES:
+        raise ValueError(f"{where}.sketch={s.sketch!r}; allowed values: {list(sketching.NAMES) + ['none']}")
+    if isinstance(s.alignment_k, bool) or not isinstance(s.alignment_k, int) or s.alignment_k < 0:
+        raise ValueError(f"{where}.alignment_k must be an int >= 0 (0: the number of classes), got {s.alignment_k!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +185,7 @@ def _train_to(setup, loss_fn, params, step: int, folder: Workdir, quiet: bool, n
 
 
 def _run_study(name: str, study, config, workdir: Workdir, quiet: bool) -> tuple[dict, list[dict]]:
-    spectrum = config.spectrum
+    spectrum = study_spectrum(config, name)
     setup = finetune_classifier.prepare(study)
     num_classes = int(np.max(setup.train_arrays["y"])) + 1
     k = spectrum.alignment_k or num_classes

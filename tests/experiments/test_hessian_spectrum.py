@@ -1,0 +1,69 @@
+"""Smoke and property tests of experiments/hessian_spectrum.py through the runner (reduced quick preset)."""
+import os
+
+import pytest
+
+from configs import hessian_spectrum as hs_config
+from experiments import hessian_spectrum
+from experiments.run import run_experiment
+
+
+def small_config():
+    config = hs_config.get_config("quick")
+    config.digits_mlp.model.hidden = (16,)
+    config.digits_mlp.checkpoints = (0, 150)
+    config.digits_mlp.class_counts = (2, 4)
+    config.digits_mlp.train.num_steps = 150
+    config.spectrum.update(num_examples=128, num_iters=24, sketch_m=256, sketched_iters=24, slq_probes=2,
+                           slq_iters=12, hutchinson_probes=2)  # same probes as SLQ
+    return config
+
+
+def test_quick_study_end_to_end(tmp_path):
+    summary = run_experiment(small_config(), str(tmp_path), quiet=True)
+    for step in (0, 150):
+        prefix = f"digits_mlp/step{step}"
+        assert summary[f"{prefix}/lambda_max"] > 0 and summary[f"{prefix}/max_residual_top5"] < 1e-3
+        assert 0.0 <= summary[f"{prefix}/alignment_top10"] <= 1.0 + 1e-9
+        assert 0.0 <= summary[f"{prefix}/sketched/alignment_top10"] <= 1.0 + 1e-9
+        assert summary[f"{prefix}/sketched/top10_max_rel_err"] < 1.0
+        # SLQ first moment and Hutchinson use the same probes: identical traces.
+        assert summary[f"{prefix}/slq_trace"] == pytest.approx(summary[f"{prefix}/hutchinson_trace"], rel=1e-6)
+    # Training: accuracy up, the top eigenvalue grows and negative curvature shrinks (Ghorbani et al.).
+    assert summary["digits_mlp/step150/test_accuracy"] > 0.8
+    assert summary["digits_mlp/step150/rneg"] < summary["digits_mlp/step0/rneg"]
+    # Outliers ≈ C − 1 for this small MLP (the class-structure conjecture; README discusses it).
+    assert 1 <= summary["digits_mlp/C2/outliers"] <= 2
+    assert summary["digits_mlp/C4/outliers"] >= summary["digits_mlp/C2/outliers"]
+    for name in ("spectrum_digits_mlp.png", "density_digits_mlp.png", "outliers_vs_classes.png", "metrics.jsonl"):
+        assert os.path.exists(tmp_path / name), name
+
+
+def test_memory_benchmark_small(tmp_path):
+    config = hs_config.get_config("memory")
+    config.memory.update(num_iters=6, sketch_m=512, num_examples=2)
+    config.memory.model.update(vocab_size=64, num_layers=1, d_model=32, num_heads=2, max_len=8)
+    summary = run_experiment(config, str(tmp_path), quiet=True)
+    assert summary["memory/basis_ratio_full_over_sketched"] == pytest.approx(summary["memory/D_over_m"])
+    assert summary["memory/full/peak_rss_delta_bytes"] >= 0
+
+
+def test_config_validation():
+    config = small_config()
+    config.spectrum.sketch = "nope"
+    with pytest.raises(ValueError, match="spectrum.sketch='nope'; allowed values"):
+        hessian_spectrum.validate_config(config)
+    config = small_config()
+    config.digits_mlp.checkpoints = (100, 50)
+    with pytest.raises(ValueError, match="checkpoints must be increasing"):
+        hessian_spectrum.validate_config(config)
+    config = small_config()
+    config.digits_mlp.checkpoints = (0, 500)
+    with pytest.raises(ValueError, match="train.num_steps"):
+        hessian_spectrum.validate_config(config)
+    config = small_config()
+    config.digits_mlp.class_counts = (1,)
+    with pytest.raises(ValueError, match="class_counts"):
+        hessian_spectrum.validate_config(config)
+    with pytest.raises(ValueError, match="preset"):
+        hs_config.get_config("huge")
