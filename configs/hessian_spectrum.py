@@ -47,7 +47,7 @@ def get_config(arg=None):
     # D = 22.7M: a float32 Krylov basis (41 × D × 4 bytes = 3.7 GB) and smaller budgets on CPU.
     config.text_minilm.spectrum = ml_collections.ConfigDict(dict(
         num_examples=128, batch_size=64, num_iters=40, sketched_iters=40, float64=False, slq_probes=2,
-        slq_iters=30, hutchinson_probes=10))
+        slq_iters=30, hutchinson_probes=10, accuracy_ms=(1024, 4096)))
 
     config.spectrum = ml_collections.ConfigDict(dict(
         num_examples=512,        # the fixed HVP subset: the first examples of the training split
@@ -63,6 +63,8 @@ def get_config(arg=None):
         slq_iters=40,
         slq_sigma_squared=1e-4,  # relative variance of the Gaussian smoothing (Ghorbani et al.'s convention)
         hutchinson_probes=20,
+        accuracy_sketches=("affd", "afjl", "qk"),  # Table 7: top-10 error vs m at the last checkpoint
+        accuracy_ms=(256, 512, 1024, 2048),
     ))
     config.memory = ml_collections.ConfigDict(dict(
         enabled=False,
@@ -80,7 +82,7 @@ def get_config(arg=None):
         config.digits_mlp.class_counts = (2, 5, 10)
         config.digits_mlp.train.update(num_steps=200, learning_rate=3e-3)
         config.spectrum.update(num_examples=256, num_iters=30, sketch_m=512, sketched_iters=30, slq_probes=2,
-                               slq_iters=20, hutchinson_probes=10)
+                               slq_iters=20, hutchinson_probes=10, accuracy_ms=(256, 1024))
     if arg == "memory":
         config.studies = ()
         config.memory.enabled = True

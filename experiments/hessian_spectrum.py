@@ -38,7 +38,9 @@ from experiments.timing import PeakRSS
 from experiments.workdir import Workdir
 
 _SPECTRUM_FIELDS = {"num_examples", "batch_size", "num_iters", "float64", "sketch", "sketch_m", "sketched_iters",
-                    "num_ratios", "alignment_k", "slq_probes", "slq_iters", "slq_sigma_squared", "hutchinson_probes"}
+                    "num_ratios", "alignment_k", "slq_probes", "slq_iters", "slq_sigma_squared", "hutchinson_probes",
+                    "accuracy_sketches", "accuracy_ms"}
+ACCURACY_THRESHOLDS = (0.2, 0.1, 0.05)
 _STUDY_EXTRA_FIELDS = {"checkpoints", "class_counts", "spectrum"}
 
 
@@ -95,6 +97,11 @@ def _validate_spectrum(s, where: str) -> None:
         raise ValueError(f"{where}.sketch={s.sketch!r}; allowed values: {list(sketching.NAMES) + ['none']}")
     if isinstance(s.alignment_k, bool) or not isinstance(s.alignment_k, int) or s.alignment_k < 0:
         raise ValueError(f"{where}.alignment_k must be an int >= 0 (0: the number of classes), got {s.alignment_k!r}")
+    for name in s.accuracy_sketches:
+        if name not in sketching.NAMES:
+            raise ValueError(f"{where}.accuracy_sketches has {name!r}; allowed values: {list(sketching.NAMES)}")
+    for m in s.accuracy_ms:
+        _positive_int(f"{where}.accuracy_ms entries", m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +169,27 @@ def spectrum_at(loss_fn, params, batches, spectrum, k: int, key) -> dict:
     return out
 
 
+def sketch_accuracy(loss_fn, params, batches, spectrum, reference: np.ndarray, key) -> dict:
+    """The paper's Table 7 protocol: relative error of the top-10 eigenvalues of Φ H Φᵀ against the
+    full-basis Lanczos values, for each sketch and m; plus the smallest m reaching mean error < 0.2,
+    0.1, 0.05 (log2, NaN when none of the m values does)."""
+    matvec = landscape.hvp_fn(loss_fn, params, batches)
+    top = min(10, reference.size)
+    out = {}
+    with _krylov_context(spectrum):
+        for name in spectrum.accuracy_sketches:
+            errors = {}
+            for m in spectrum.accuracy_ms:
+                result = landscape.lanczos(matvec, params, min(spectrum.sketched_iters, m), key,
+                                           sketch=sketching.get(name, m))
+                errors[m] = float(landscape.relative_errors(result.eigenvalues, reference, top).mean())
+                out[f"{name}/m{m}/top{top}_mean_rel_err"] = errors[m]
+            for threshold in ACCURACY_THRESHOLDS:
+                reached = [m for m in sorted(errors) if errors[m] < threshold]
+                out[f"{name}/min_log2m_err<{threshold}"] = float(np.log2(reached[0])) if reached else float("nan")
+    return out
+
+
 def density_at(loss_fn, params, batches, spectrum, key) -> tuple[landscape.SpectralDensity, landscape.TraceEstimate]:
     matvec = landscape.hvp_fn(loss_fn, params, batches)
     num_params = models_lib.count_params(params)
@@ -212,6 +240,12 @@ def _run_study(name: str, study, config, workdir: Workdir, quiet: bool) -> tuple
             summary[f"{name}/step{step}/slq_trace"] = density.trace()
             summary[f"{name}/step{step}/hutchinson_trace"] = trace.mean
             summary[f"{name}/step{step}/hutchinson_trace_stderr"] = trace.stderr
+    if spectrum.accuracy_sketches and spectrum.accuracy_ms:
+        reference = landscape.lanczos(landscape.hvp_fn(loss_fn, params, batches), params,
+                                      min(spectrum.num_iters, models_lib.count_params(params)), key).eigenvalues
+        accuracy = sketch_accuracy(loss_fn, params, batches, spectrum, reference, key)
+        summary.update({f"{name}/sketch_accuracy/{metric}": value for metric, value in accuracy.items()})
+        _plot_accuracy(name, accuracy, spectrum, workdir)
     for count in study.class_counts:
         sweep = finetune_classifier.prepare(study, num_classes=count)
         sweep_loss = models_lib.make_loss_fns(sweep.model).loss_fn
@@ -309,6 +343,16 @@ def _plot_study(name: str, records: list[dict], densities: dict, spectrum, workd
                     [[Panel(f"SLQ spectral density ({spectrum.slq_probes} probes, {spectrum.slq_iters} steps)",
                             "eigenvalue", "density + 1e-7", density_series, logx=False)]],
                     suptitle=f"{name}")
+
+
+def _plot_accuracy(name: str, accuracy: dict, spectrum, workdir: Workdir) -> None:
+    series = {}
+    for sketch in spectrum.accuracy_sketches:
+        ms = list(spectrum.accuracy_ms)
+        series[sketch] = (ms, [next(v for k, v in accuracy.items() if k.startswith(f"{sketch}/m{m}/")) for m in ms])
+    save_panel_grid(workdir.file(f"sketch_accuracy_{name}.png"),
+                    [[Panel("top-10 eigenvalues of ΦHΦᵀ vs full Lanczos", "sketch dimension m",
+                            "mean relative error", series)]], suptitle=f"{name}, last checkpoint (paper Table 7 protocol)")
 
 
 def _plot_outliers(summary: dict, config, workdir: Workdir) -> None:

@@ -15,7 +15,8 @@ def small_config():
     config.digits_mlp.class_counts = (2, 4)
     config.digits_mlp.train.num_steps = 150
     config.spectrum.update(num_examples=128, num_iters=24, sketch_m=256, sketched_iters=24, slq_probes=2,
-                           slq_iters=12, hutchinson_probes=2)  # same probes as SLQ
+                           slq_iters=12, hutchinson_probes=2,  # same probes as SLQ
+                           accuracy_sketches=("qk",), accuracy_ms=(128, 512))
     return config
 
 
@@ -35,7 +36,9 @@ def test_quick_study_end_to_end(tmp_path):
     # Outliers ≈ C − 1 for this small MLP (the class-structure conjecture; README discusses it).
     assert 1 <= summary["digits_mlp/C2/outliers"] <= 2
     assert summary["digits_mlp/C4/outliers"] >= summary["digits_mlp/C2/outliers"]
-    for name in ("spectrum_digits_mlp.png", "density_digits_mlp.png", "outliers_vs_classes.png", "metrics.jsonl"):
+    assert summary["digits_mlp/sketch_accuracy/qk/m512/top10_mean_rel_err"] < summary["digits_mlp/sketch_accuracy/qk/m128/top10_mean_rel_err"]
+    for name in ("spectrum_digits_mlp.png", "density_digits_mlp.png", "outliers_vs_classes.png", "metrics.jsonl",
+                 "sketch_accuracy_digits_mlp.png"):
         assert os.path.exists(tmp_path / name), name
 
 
