@@ -54,7 +54,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def basis_dtype() -> np.dtype:
     """float64 when x64 is enabled (the project rule for Krylov arithmetic), else float32."""
-    return np.dtype(jnp.zeros((), jnp.float64).dtype)
+    return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
 
 
 def _default_symmetry_tol(matvec_dtype: np.dtype) -> float:
