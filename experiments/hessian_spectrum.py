@@ -20,6 +20,7 @@ density_<study>.png, and summary.json with flat keys `<study>/step<s>/<metric>` 
 """
 from __future__ import annotations
 
+import io
 import time
 
 import jax
@@ -35,7 +36,7 @@ from experiments import models as models_lib
 from experiments import train as train_lib
 from experiments.plots import Panel, save_panel_grid
 from experiments.timing import PeakRSS
-from experiments.workdir import Workdir
+from experiments.workdir import Workdir, atomic_write_bytes
 
 _SPECTRUM_FIELDS = {"num_examples", "batch_size", "num_iters", "float64", "sketch", "sketch_m", "sketched_iters",
                     "num_ratios", "alignment_k", "slq_probes", "slq_iters", "slq_sigma_squared", "hutchinson_probes",
@@ -212,6 +213,18 @@ def _train_to(setup, loss_fn, params, step: int, folder: Workdir, quiet: bool, n
     return result.params
 
 
+def _save_density(path: str, density: landscape.SpectralDensity) -> None:
+    """SLQ nodes and weights as (probes, steps) arrays (NaN node / 0 weight past an early stop), atomically."""
+    steps = max(len(nodes) for nodes in density.nodes)
+    nodes = np.full((density.num_probes, steps), np.nan)
+    weights = np.zeros((density.num_probes, steps))
+    for row, (theta, tau) in enumerate(zip(density.nodes, density.weights)):
+        nodes[row, :len(theta)], weights[row, :len(tau)] = theta, tau
+    buffer = io.BytesIO()
+    np.savez(buffer, nodes=nodes, weights=weights, dimension=density.dimension)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _run_study(name: str, study, config, workdir: Workdir, quiet: bool) -> tuple[dict, list[dict]]:
     spectrum = study_spectrum(config, name)
     setup = finetune_classifier.prepare(study)
@@ -236,7 +249,9 @@ def _run_study(name: str, study, config, workdir: Workdir, quiet: bool) -> tuple
         if step in (checkpoints[0], checkpoints[-1]):
             density, trace = density_at(loss_fn, params, batches, spectrum, key)
             densities[step] = density
+            _save_density(workdir.file(f"slq_{name}_step{step}.npz"), density)
             summary[f"{name}/step{step}/slq_negative_mass"] = density.negative_mass()
+            summary[f"{name}/step{step}/slq_near_zero_mass"] = density.near_zero_mass()
             summary[f"{name}/step{step}/slq_trace"] = density.trace()
             summary[f"{name}/step{step}/hutchinson_trace"] = trace.mean
             summary[f"{name}/step{step}/hutchinson_trace_stderr"] = trace.stderr

@@ -32,6 +32,7 @@ fluctuations ≈ ‖A‖_F/√m (SPEC §3.5); Ritz vectors come back in sketch s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -55,6 +56,12 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def basis_dtype() -> np.dtype:
     """float64 when x64 is enabled (the project rule for Krylov arithmetic), else float32."""
     return np.dtype(jax.dtypes.canonicalize_dtype(jnp.float64))
+
+
+def basis_precision(array) -> Any:
+    """A context in which arithmetic on `array` keeps its dtype: x64 on for float64 Krylov vectors (the
+    result may be used after the `jax.enable_x64` block that produced it)."""
+    return jax.enable_x64(True) if np.dtype(array.dtype) == np.float64 else contextlib.nullcontext()
 
 
 def _default_symmetry_tol(matvec_dtype: np.dtype) -> float:
@@ -112,10 +119,12 @@ class KrylovResult:
         return self.sketch is not None
 
     def ritz_vectors(self, indices=None) -> jax.Array:
-        """Flat Ritz vectors y_i = V_k s_i as rows, (len(indices), n); all k by default."""
+        """Flat Ritz vectors y_i = V_k s_i as rows, (len(indices), n); all k by default, in the basis dtype
+        (float64 stays float64 even outside an x64 context)."""
         coeffs = self.ritz_coefficients if indices is None else self.ritz_coefficients[:, np.asarray(indices)]
-        basis = self.basis[: self.num_iters]
-        return jnp.matmul(jnp.asarray(coeffs.T, basis.dtype), basis, precision=_HIGHEST)
+        with basis_precision(self.basis):
+            basis = self.basis[: self.num_iters]
+            return jnp.matmul(jnp.asarray(coeffs.T, basis.dtype), basis, precision=_HIGHEST)
 
     @property
     def eigenvectors(self):

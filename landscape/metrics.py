@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from landscape.lanczos import KrylovResult
+from landscape.lanczos import KrylovResult, basis_precision
 
 PyTree = Any
 OUTLIER_THRESHOLD = 0.2
@@ -93,6 +93,11 @@ def gradient_alignment(result: KrylovResult, gradient: PyTree | jax.Array, k: in
     `gradient` is a PyTree shaped like the template (sketched through `result.sketch` when the basis is
     sketched) or an already flat / sketched vector of the basis' length."""
     _check_k(k, result.num_iters)
+    with basis_precision(result.basis):
+        return _alignment(result, gradient, k)
+
+
+def _alignment(result: KrylovResult, gradient, k: int) -> float:
     vectors = result.ritz_vectors(np.arange(k))
     if isinstance(gradient, jax.Array | np.ndarray) and jnp.ndim(gradient) == 1:
         g = jnp.asarray(gradient, vectors.dtype)
@@ -116,8 +121,9 @@ def subspace_overlap(first: KrylovResult, second: KrylovResult, k: int) -> float
     v = second.ritz_vectors(np.arange(k))
     if u.shape[1] != v.shape[1]:
         raise ValueError(f"the two bases live in different spaces ({u.shape[1]} vs {v.shape[1]})")
-    cross = jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST)
-    return float(jnp.sum(cross ** 2)) / k
+    with basis_precision(u):
+        cross = jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST)
+        return float(jnp.sum(cross ** 2)) / k
 
 
 def relative_errors(estimate, reference, k: int) -> np.ndarray:

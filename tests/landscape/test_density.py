@@ -46,7 +46,7 @@ def test_slq_density_matches_exact_density_on_planted_spectrum(x64):
     scale = jnp.asarray(diagonal)
     operator = lambda v: {"w": scale * v["w"]}  # noqa: E731  (diagonal: Lanczos is rotation invariant)
     density = landscape.slq(operator, template_of(5000), 80, 20, jax.random.key(1))
-    assert abs(density.negative_mass() - 0.05) <= 0.01
+    assert abs(density.negative_mass(relative_tol=0.0) - 0.05) <= 0.01  # no null space here: no band
     grid, phi = density.density(sigma_squared=1e-5, num_points=4000)
     assert abs(np.sum(phi) * (grid[1] - grid[0]) - 1.0) <= 1e-6
     # Same smoothing on the exact eigenvalues: L1 distance (Ghorbani's mean-abs criterion) < 5e-2,
@@ -82,3 +82,11 @@ def test_bad_arguments():
     density = landscape.SpectralDensity([np.array([0.0, 1.0])], [np.array([0.5, 0.5])], 2)
     with pytest.raises(ValueError, match="sigma_squared must be > 0"):
         density.density(sigma_squared=0.0)
+
+
+def test_negative_mass_band_excludes_the_null_space_node():
+    """A heavy quadrature node at ≈ 0 (a network's null space) is not negative curvature."""
+    density = landscape.SpectralDensity([np.array([-1.0, -2e-4, 0.5, 4.0])], [np.array([0.05, 0.75, 0.1, 0.1])], 100)
+    assert density.negative_mass() == pytest.approx(0.05)
+    assert density.near_zero_mass() == pytest.approx(0.75)
+    assert density.negative_mass(relative_tol=0.0) == pytest.approx(0.80)
