@@ -1,5 +1,7 @@
 """Loss-landscape studies on (sketched) Hessian-vector products: Lanczos/Arnoldi spectra, SLQ spectral
-density, Hutchinson trace, the paper's spectrum metrics (RNEG, R ratios, outliers, gradient alignment)."""
+density, Hutchinson trace, the paper's spectrum metrics (RNEG, R ratios, outliers, gradient alignment),
+and intrinsic dimension by subspace training through any sketch (`landscape.intrinsic_dimension`)."""
+from landscape import intrinsic_dimension
 from landscape.density import SpectralDensity, TraceEstimate, hutchinson, probe_vectors, slq
 from landscape.lanczos import KrylovResult, arnoldi, lanczos
 from landscape.metrics import (
@@ -15,6 +17,6 @@ from landscape.operators import hvp_fn, mean_gradient
 
 __all__ = [
     "KrylovResult", "SpectralDensity", "TraceEstimate", "arnoldi", "gap_outlier_count", "gradient_alignment",
-    "hutchinson", "hvp_fn", "lanczos", "mean_gradient", "outlier_count", "probe_vectors", "r_ratios",
+    "hutchinson", "hvp_fn", "intrinsic_dimension", "lanczos", "mean_gradient", "outlier_count", "probe_vectors", "r_ratios",
     "relative_errors", "rneg", "slq", "subspace_overlap",
 ]
