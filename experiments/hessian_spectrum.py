@@ -357,7 +357,7 @@ def _plot_study(name: str, records: list[dict], densities: dict, spectrum, workd
     save_panel_grid(workdir.file(f"density_{name}.png"),
                     [[Panel(f"SLQ spectral density ({spectrum.slq_probes} probes, {spectrum.slq_iters} steps)",
                             "eigenvalue", "density + 1e-7", density_series, logx=False)]],
-                    suptitle=f"{name}")
+                    suptitle=f"{name}", panel_size=(7.0, 4.5))
 
 
 def _plot_accuracy(name: str, accuracy: dict, spectrum, workdir: Workdir) -> None:
@@ -367,7 +367,8 @@ def _plot_accuracy(name: str, accuracy: dict, spectrum, workdir: Workdir) -> Non
         series[sketch] = (ms, [next(v for k, v in accuracy.items() if k.startswith(f"{sketch}/m{m}/")) for m in ms])
     save_panel_grid(workdir.file(f"sketch_accuracy_{name}.png"),
                     [[Panel("top-10 eigenvalues of ΦHΦᵀ vs full Lanczos", "sketch dimension m",
-                            "mean relative error", series)]], suptitle=f"{name}, last checkpoint (paper Table 7 protocol)")
+                            "mean relative error", series)]], suptitle=f"{name}, last checkpoint (paper Table 7 protocol)",
+                    panel_size=(6.0, 4.2))
 
 
 def _plot_outliers(summary: dict, config, workdir: Workdir) -> None:
@@ -381,7 +382,7 @@ def _plot_outliers(summary: dict, config, workdir: Workdir) -> None:
         series["C (conjecture)"] = (sorted({c for name in config.studies for c in config[name].class_counts}),) * 2
         save_panel_grid(workdir.file("outliers_vs_classes.png"),
                         [[Panel("outlier count vs number of classes", "classes C", "outliers", series,
-                                logx=False, logy=False)]])
+                                logx=False, logy=False)]], panel_size=(7.0, 4.5))
 
 
 def run(config, workdir: Workdir) -> dict:

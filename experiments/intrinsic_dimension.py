@@ -222,4 +222,5 @@ def _plot(task_name: str, metric_name: str, curves: dict, full: float, target: f
         series["90% target"] = ([all_d[0], all_d[-1]], [target, target])
     save_panel_grid(workdir.file(f"metric_vs_d_{task_name}.png"),
                     [[Panel(f"{task_name}: subspace training", "subspace dimension d", metric_name, series,
-                            logy=False)]], suptitle="intrinsic dimension (d90 = first d on the target line)")
+                            logy=False)]], suptitle="intrinsic dimension (d90 = first d on the target line)",
+                    panel_size=(8.0, 4.8))
