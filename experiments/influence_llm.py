@@ -1,0 +1,309 @@
+"""Experiment `influence_llm`: EK-FAC influence vs TRAK vs gradient similarity on planted facts.
+
+For each task (`facts_lm`: facts written in the order they are queried; `facts_lm_reversed`: the
+same facts written answer-first, Grosse et al. 2023 ("G23") §5.3.3):
+1. Train the tiny transformer LM (experiments/train_lm.py) on the corpus.
+2. Score every (query, training document) pair, query loss f_q = −log p(answer | prompt):
+   - `ekfac/none`: ⟨(Ĝ + λI)⁻¹ ∇f_q, ∇L_i⟩ over the MLP layers (attribution/ekfac.py; G23 eq. 30),
+     `kfac/none`: the same with K-FAC eigenvalues;
+   - `grad_dot/none`, `grad_cosine/none`: unpreconditioned dot / cosine on the same MLP layers;
+   - `cosine/{none,qk,afjl,logra}`: cosine of all-parameter gradients, exact or sketched at equal m
+     (`sketch_dim`; LoGra = sketching/logra.py, per-layer Kronecker projections);
+   - `trak/dense`: single-checkpoint TRAK, φ = Φ∇L (dense Gaussian, `trak_dim`), score
+     φ_qᵀ (ΦᵀΦ + λI)⁻¹ φ_i with λ = trak_ridge · tr(ΦᵀΦ)/m (Park et al. 2023 eq. 13 without the
+     ensemble and the 1−p reweighting; this is a local implementation, see the report).
+3. Metrics per scorer against the planted truth (the documents stating the queried fact):
+   recall@k (a planting document in the top k) and MRR (ATTRIBUTION.md §4.4), `planted_ratio` =
+   mean over queries of (mean score of planting documents) / (mean |score| of all documents), and
+   the LDS (`lds_subsets` retrainings on random `lds_fraction` halves from the same initialisation:
+   mean over queries of Spearman(Σ_{i∈S} score_qi, −f_q(θ_S))).
+4. EK-FAC diagnostics: query batching (`qb_rel_error@k`, `qb_pearson@k`: rank-k SVD of the
+   preconditioned query gradients vs full rank; attribution/query_batching.py), TF-IDF filtering
+   (`tfidf_recall@N`, `tfidf_mass@N`: fraction of the true top-10 EK-FAC influence (count and |score|
+   mass) among the N BM25 candidates; `tfidf_planted@N`: a planting document among them), heavy
+   tail (`top5pct_mass`: share of Σ|score| held by the top 5% of documents; `tail_exponent`: median
+   slope a of log score ≈ c − a log rank over the top positive scores, G23 §5.2.1), and per-layer
+   shares of the score.
+Writes summary.json, report.md, influence_llm.png, and per task a folder with the LM checkpoints,
+EK-FAC factors and scores.npz.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import ml_collections
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import sketching  # noqa: E402
+from attribution import ekfac  # noqa: E402
+from attribution import query_batching as qb  # noqa: E402
+from attribution import tfidf  # noqa: E402
+from attribution.simfluence import spearman  # noqa: E402
+from configs.influence_llm import TASKS  # noqa: E402
+from experiments import data as data_lib  # noqa: E402
+from experiments import models as models_lib  # noqa: E402
+from experiments import train_lm  # noqa: E402
+from experiments.demo import _atomic_savez, first_relevant_ranks, retrieval_metrics  # noqa: E402
+from experiments.workdir import Workdir, atomic_write_text  # noqa: E402
+
+SKETCHES = ("qk", "afjl", "logra")
+
+
+def validate_config(config) -> None:
+    train_lm.validate_config(config)
+    for task in config.tasks:
+        if task not in TASKS:
+            raise ValueError(f"config.tasks has {task!r}; allowed values: {list(TASKS)}")
+    for name in config.sketches:
+        if name not in SKETCHES:
+            raise ValueError(f"config.sketches has {name!r}; allowed values: {list(SKETCHES)}")
+    if config.ekfac.labels not in ("sampled", "data"):
+        raise ValueError(f"config.ekfac.labels={config.ekfac.labels!r}; allowed values: ['sampled', 'data']")
+    for field in ("sketch_dim", "trak_dim"):
+        v = config.get(field)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.{field} must be a positive int, got {v!r}")
+    if 10 not in config.recall_ks:
+        raise ValueError(f"config.recall_ks must include 10, got {list(config.recall_ks)}")
+    if not isinstance(config.lds_subsets, int) or config.lds_subsets < 0 or config.lds_subsets == 1:
+        raise ValueError(f"config.lds_subsets must be 0 (off) or an int >= 2, got {config.lds_subsets!r}")
+    if not 0 < config.lds_fraction < 1:
+        raise ValueError(f"config.lds_fraction must be in (0, 1), got {config.lds_fraction!r}")
+
+
+def _flat(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+
+
+def _cosine(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
+    gn = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-30)
+    return qn @ gn.T
+
+
+def _sketch(name: str, m: int):
+    if name == "logra":
+        from sketching import logra
+
+        return logra.get(m)
+    return sketching.get(name, m)
+
+
+def _tail_stats(scores: np.ndarray) -> dict:
+    n = scores.shape[1]
+    top = max(1, math.ceil(0.05 * n))
+    mass, slopes = [], []
+    for s in scores:
+        a = np.sort(np.abs(s))[::-1]
+        mass.append(a[:top].sum() / max(a.sum(), 1e-300))
+        pos = np.sort(s[s > 0])[::-1][:20]
+        if len(pos) >= 3:
+            slopes.append(-np.polyfit(np.log(np.arange(1, len(pos) + 1)), np.log(pos), 1)[0])
+    return {"top5pct_mass": float(np.mean(mass)), "tail_exponent": float(np.median(slopes)) if slopes else float("nan")}
+
+
+def _lds_losses(config, wd: Workdir, s: train_lm.Setup) -> tuple[list[np.ndarray], np.ndarray]:
+    """Retrains on `lds_subsets` random subsets; returns the subsets and query losses (J, Q)."""
+    n = len(s.corpus.documents)
+    per_example_loss = jax.jit(models_lib.make_loss_fns(s.model).per_example_loss)
+    subsets, losses = [], []
+    for j in range(config.lds_subsets):
+        idx = np.sort(np.random.default_rng([config.seed, 7, j]).choice(n, int(round(config.lds_fraction * n)), replace=False))
+        sub = dataclasses.replace(s, train=data_lib.take(s.train, idx),
+                                  corpus=dataclasses.replace(s.corpus, documents=tuple(s.corpus.documents[i] for i in idx)))
+        cfg = ml_collections.ConfigDict(config.to_dict())
+        cfg.train.batch_size = min(cfg.train.batch_size, len(idx))
+        cfg.train.eval_every = 0
+        with cfg.unlocked():
+            cfg.quiet = True
+        result = train_lm.train_model(cfg, Workdir(wd.file(f"lds_{j:02d}")), sub)
+        subsets.append(idx)
+        losses.append(np.asarray(per_example_loss(result.params, s.queries), np.float64))
+    return subsets, np.stack(losses)
+
+
+def _lds(scores: np.ndarray, subsets, losses: np.ndarray) -> float:
+    pred = np.stack([scores[:, idx].sum(1) for idx in subsets], axis=1)  # (Q, J)
+    vals = [spearman(pred[q], -losses[:, q]) for q in range(scores.shape[0])]
+    return float(np.nanmean(vals))
+
+
+def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
+    s = train_lm.setup(config)
+    result = train_lm.train_model(config, wd, s)
+    params, apply = result.params, s.model.apply
+    relevant = [q.documents for q in s.corpus.queries]
+    n = len(s.corpus.documents)
+    out = {"query_accuracy": result.eval_metrics["query_accuracy"],
+           "heldout_query_accuracy": result.eval_metrics["heldout_query_accuracy"], "num_documents": n}
+
+    # EK-FAC / K-FAC on the MLP layers.
+    e = config.ekfac
+    chunks = np.array_split(np.arange(n), max(1, math.ceil(n / e.batch_size)))
+    batches = [data_lib.take(s.train, c) for c in chunks]
+    fit = ekfac.fit_ekfac(apply, params, batches, task="lm", layers=tuple(e.layers), seed=config.seed,
+                          labels=e.labels, num_samples=e.num_samples, damping_factor=e.damping_factor,
+                          folder=wd.file("ekfac"), progress=not quiet)
+    qgrads = ekfac.per_example_layer_grads(apply, params, s.queries, fit.layers, "lm")
+    acts, _ = ekfac.layer_activations(apply, params, s.train, fit.layers, "lm")
+    tgrads = ekfac.per_example_layer_grads(apply, params, s.train, fit.layers, "lm")
+    pre = fit.ihvp(qgrads)
+    scores = {("ekfac", "none"): np.asarray(ekfac.influence_scores(pre, acts), np.float64),
+              ("kfac", "none"): np.asarray(ekfac.influence_scores(fit.ihvp(qgrads, "kfac"), acts), np.float64),
+              ("grad_dot", "none"): np.asarray(ekfac.influence_scores(qgrads, acts), np.float64)}
+    qflat = np.concatenate([np.asarray(v).reshape(v.shape[0], -1) for v in qgrads.values()], 1)
+    tflat = np.concatenate([np.asarray(v).reshape(v.shape[0], -1) for v in tgrads.values()], 1)
+    scores[("grad_cosine", "none")] = _cosine(qflat, tflat)
+    per_layer = {p: np.asarray(v) for p, v in ekfac.influence_scores(pre, acts, per_layer=True).items()}
+    total = sum(np.abs(v).sum() for v in per_layer.values())
+    for p, v in per_layer.items():
+        out[f"ekfac/none/layer_share/{p}"] = float(np.abs(v).sum() / total)
+    tokens = np.asarray(ekfac.token_influence({p: v[:1] for p, v in pre.items()}, acts))[0]  # query 0
+
+    # All-parameter gradients: exact and sketched cosine, TRAK.
+    loss_fn = models_lib.make_loss_fns(s.model).loss_fn
+    pe = jax.jit(lambda p, b: sketching.per_example_gradients(loss_fn, p, b))
+    gq, gt = pe(params, s.queries), pe(params, s.train)
+    scores[("cosine", "none")] = _cosine(np.asarray(_flat(gq)), np.asarray(_flat(gt)))
+    for i, name in enumerate(config.sketches):
+        sk = _sketch(name, config.sketch_dim)
+        st = sk.init(jax.random.fold_in(jax.random.key(config.seed), 100 + i), params)
+        apply_all = jax.jit(jax.vmap(sk.apply, in_axes=(None, 0)))
+        scores[("cosine", name)] = _cosine(np.asarray(apply_all(st, gq)), np.asarray(apply_all(st, gt)))
+    dense = sketching.get("dense", config.trak_dim)
+    st = dense.init(jax.random.fold_in(jax.random.key(config.seed), 99), params)
+    proj = jax.jit(jax.vmap(dense.apply, in_axes=(None, 0)))
+    phi_q, phi_t = np.asarray(proj(st, gq), np.float64), np.asarray(proj(st, gt), np.float64)
+    kernel = phi_t.T @ phi_t
+    kernel += config.trak_ridge * np.trace(kernel) / kernel.shape[0] * np.eye(kernel.shape[0])
+    scores[("trak", "dense")] = phi_q @ np.linalg.solve(kernel, phi_t.T)
+
+    # Evaluation.
+    subsets, lds_losses = _lds_losses(config, wd, s) if config.lds_subsets else ([], None)
+    ks = sorted(set(config.recall_ks))
+    for (scorer, sk_name), sc in scores.items():
+        prefix = f"{scorer}/{sk_name}"
+        for key, v in retrieval_metrics(first_relevant_ranks(sc, relevant), ks).items():
+            out[f"{prefix}/{key}"] = v
+        planted = [sc[q, list(docs)].mean() / max(np.abs(sc[q]).mean(), 1e-300) for q, docs in enumerate(relevant)]
+        out[f"{prefix}/planted_ratio"] = float(np.mean(planted))
+        if lds_losses is not None:
+            out[f"{prefix}/lds"] = _lds(sc, subsets, lds_losses)
+        if sk_name not in ("none", "dense") and scorer == "cosine":
+            out[f"{prefix}/pearson_vs_exact"] = float(np.mean(
+                [np.corrcoef(a, b)[0, 1] for a, b in zip(sc, scores[("cosine", "none")])]))
+    out.update({f"ekfac/none/{k}": v for k, v in _tail_stats(scores[("ekfac", "none")]).items()})
+    for k in config.query_ranks:
+        err = qb.score_error(np.asarray(qb.low_rank_scores(qb.low_rank_queries(pre, k), acts)), scores[("ekfac", "none")])
+        out[f"ekfac/none/qb_rel_error@{k}"], out[f"ekfac/none/qb_pearson@{k}"] = err["rel_error"], err["pearson"]
+    texts = [f"{q.prompt} {q.answer}" for q in s.corpus.queries]
+    bm25 = tfidf.tfidf_scores(texts, list(s.corpus.documents))
+    for N in config.tfidf_n:
+        if N > n:
+            continue
+        cand = tfidf.top_candidates(bm25, N)
+        fr = tfidf.filter_recall(scores[("ekfac", "none")], cand, k=min(10, n))
+        out[f"ekfac/none/tfidf_recall@{N}"], out[f"ekfac/none/tfidf_mass@{N}"] = fr["recall"], fr["mass"]
+        out[f"ekfac/none/tfidf_planted@{N}"] = float(np.mean([np.isin(list(d), c).any() for d, c in zip(relevant, cand)]))
+    top_doc = int(np.argmax(scores[("ekfac", "none")][0]))
+    ids = np.asarray(s.train["tokens"][top_doc])
+    words = [s.tokenizer.decode([int(t)]) for t in ids]
+    extras = {"tokens": tokens[top_doc], "words": words, "query": texts[0], "top_doc": top_doc,
+              "ekfac": scores[("ekfac", "none")], "relevant": relevant}
+    _atomic_savez(wd.file("scores.npz"), {f"{a}__{b}": v for (a, b), v in scores.items()})
+    return out, extras
+
+
+def _plots(path: str, summary: dict, extras: dict, config) -> None:
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for task, ex in extras.items():
+        sc = ex["ekfac"]
+        mags = np.sort(np.abs(sc), axis=1)[:, ::-1].mean(0)
+        axes[0].loglog(np.arange(1, len(mags) + 1), mags, label=task)
+        ranks = list(config.query_ranks)
+        axes[1].semilogy(ranks, [summary[f"{task}/ekfac/none/qb_rel_error@{k}"] for k in ranks], "o-", label=task)
+        ns = [N for N in config.tfidf_n if f"{task}/ekfac/none/tfidf_recall@{N}" in summary]
+        axes[2].plot(ns, [summary[f"{task}/ekfac/none/tfidf_recall@{N}"] for N in ns], "o-", label=task)
+    axes[0].set(xlabel="rank of document", ylabel="mean |EK-FAC influence|", title="heavy tail (log-log)")
+    axes[1].set(xlabel="query rank k", ylabel="rel. score error", title="query batching")
+    axes[2].set(xlabel="BM25 candidates N", ylabel="top-10 influence kept", title="TF-IDF filter", ylim=(0, 1.05))
+    names = ["ekfac/none", "kfac/none", "trak/dense", "grad_dot/none", "grad_cosine/none", "cosine/none"] + \
+        [f"cosine/{s}" for s in config.sketches]
+    width = 0.8 / max(1, len(extras))
+    for t, task in enumerate(extras):
+        axes[3].bar(np.arange(len(names)) + t * width, [summary[f"{task}/{nm}/recall@10"] for nm in names], width, label=task)
+    axes[3].set_xticks(np.arange(len(names)) + width / 2, names, rotation=60, ha="right", fontsize=7)
+    axes[3].set(ylabel="recall@10", title="planted-fact retrieval")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _report(summary: dict, extras: dict, config) -> str:
+    names = ["ekfac/none", "kfac/none", "trak/dense", "grad_dot/none", "grad_cosine/none", "cosine/none"] + \
+        [f"cosine/{s}" for s in config.sketches]
+    lines = ["# Influence on planted facts: EK-FAC vs TRAK vs gradient similarity", "",
+             f"Tiny LM ({config.model.num_layers} layers, d={config.model.d_model}), {config.train.num_steps} steps. "
+             f"EK-FAC on layers {list(config.ekfac.layers)}, labels={config.ekfac.labels}, damping "
+             f"{config.ekfac.damping_factor}×mean(Λ). Sketched cosines at m={config.sketch_dim}; TRAK: local "
+             f"single-checkpoint implementation, dense projection m={config.trak_dim}, ridge {config.trak_ridge}·tr/m "
+             "(attribution/scorers.py was not available when this experiment was written). LDS: "
+             f"{config.lds_subsets} retrainings on {config.lds_fraction:.0%} subsets.", ""]
+    for task in extras:
+        lines += [f"## {task}", "",
+                  f"query accuracy {summary[f'{task}/query_accuracy']:.3f} (held-out facts "
+                  f"{summary[f'{task}/heldout_query_accuracy']:.3f}), {summary[f'{task}/num_documents']} documents.", "",
+                  "| scorer/sketch | recall@1 | recall@10 | MRR | LDS | planted ratio |", "|---|---|---|---|---|---|"]
+        for nm in names:
+            lds = summary.get(f"{task}/{nm}/lds", float("nan"))
+            lines.append(f"| {nm} | {summary[f'{task}/{nm}/recall@1']:.3f} | {summary[f'{task}/{nm}/recall@10']:.3f} | "
+                         f"{summary[f'{task}/{nm}/mrr']:.3f} | {lds:.3f} | {summary[f'{task}/{nm}/planted_ratio']:.2f} |")
+        lines += ["", "Sketched vs exact all-parameter cosine (Pearson over documents, mean over queries): " + ", ".join(
+            f"{s}: {summary[f'{task}/cosine/{s}/pearson_vs_exact']:.3f}" for s in config.sketches), "",
+            f"Heavy tail: top 5% of documents hold {summary[f'{task}/ekfac/none/top5pct_mass']:.2f} of Σ|influence|; "
+            f"median power-law exponent {summary[f'{task}/ekfac/none/tail_exponent']:.2f}.", "",
+            "Query batching (rank k): " + ", ".join(
+                f"k={k}: rel.err {summary[f'{task}/ekfac/none/qb_rel_error@{k}']:.3g}, Pearson "
+                f"{summary[f'{task}/ekfac/none/qb_pearson@{k}']:.4f}" for k in config.query_ranks), "",
+            "TF-IDF (BM25) filter, share of the true top-10 EK-FAC documents kept: " + ", ".join(
+                f"N={N}: {summary[f'{task}/ekfac/none/tfidf_recall@{N}']:.2f} (mass "
+                f"{summary[f'{task}/ekfac/none/tfidf_mass@{N}']:.2f}, planted doc in {summary[f'{task}/ekfac/none/tfidf_planted@{N}']:.2f})"
+                for N in config.tfidf_n if f"{task}/ekfac/none/tfidf_recall@{N}" in summary), "",
+            "Per-layer share of Σ|EK-FAC score|: " + ", ".join(
+                f"{k.split('layer_share/')[1]} {v:.2f}" for k, v in summary.items()
+                if k.startswith(f"{task}/ekfac/none/layer_share/")), ""]
+        ex = extras[task]
+        order = np.argsort(-np.abs(ex["tokens"]))[:5]
+        lines += [f"Per-token decomposition, query \"{ex['query']}\", its top EK-FAC document #{ex['top_doc']} "
+                  f"(planting: {ex['top_doc'] in ex['relevant'][0]}): largest contributions at "
+                  + ", ".join(f"'{ex['words'][t]}' ({ex['tokens'][t]:+.3g})" for t in order), ""]
+    lines += ["![plots](influence_llm.png)", ""]
+    return "\n".join(lines)
+
+
+def run(config, workdir: Workdir) -> dict:
+    validate_config(config)
+    quiet = bool(config.get("quiet", False))
+    summary, extras = {}, {}
+    for task in config.tasks:
+        cfg = ml_collections.ConfigDict(config.to_dict())
+        cfg.data.order = TASKS[task]
+        out, extras[task] = _run_task(cfg, Workdir(workdir.file(task)), quiet)
+        summary.update({f"{task}/{k}": v for k, v in out.items()})
+        workdir.log(0, **{f"{task}/{k}": v for k, v in out.items()})
+    _plots(workdir.file("influence_llm.png"), summary, extras, config)
+    report = _report(summary, extras, config)
+    atomic_write_text(workdir.file("report.md"), report)
+    if not quiet:
+        print(report.split("![plots]")[0])
+    return summary

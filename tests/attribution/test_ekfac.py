@@ -1,0 +1,256 @@
+"""Tests of attribution/ekfac.py against dense float64 Gauss–Newton references on tiny models."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attribution import ekfac
+from experiments.models import build_model, make_loss_fns
+
+IN, HIDDEN, CLASSES = 4, 5, 3
+
+
+def _mlp(n, seed=0):
+    rng = np.random.default_rng(seed)
+    batch = {"x": jnp.asarray(rng.normal(size=(n, IN))), "y": jnp.asarray(rng.integers(0, CLASSES, n))}
+    model, params = build_model("mlp", jax.random.key(seed), batch, hidden=[HIDDEN], num_classes=CLASSES)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.result_type(float)) * 1.5, params)
+    return model, params, batch
+
+
+def _exact_ggn_blocks(model, params, batch, layers):
+    """Dense GGN E_b[J_bᵀ (diag p − p pᵀ) J_b] restricted to each layer's W̃ (row-major vec)."""
+    mats = ekfac.params_to_layer_grads(params, layers)
+
+    def logits_of(m):
+        p = jax.tree_util.tree_map(lambda a: a, params)
+        for path, d in ekfac.layer_grads_to_params(m, layers).items():
+            p = {**p, path: {**p[path], **d}}
+        return model.apply(p, batch)
+
+    logits = logits_of(mats)
+    jac = jax.jacobian(logits_of)(mats)
+    probs = jax.nn.softmax(logits)
+    H = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(probs)
+    blocks = {}
+    for path in layers:
+        J = jac[path].reshape(logits.shape[0], CLASSES, -1)
+        blocks[path] = np.asarray(jnp.einsum("bci,bcd,bdj->ij", J, H, J)) / logits.shape[0]
+    return blocks
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def _ihvp_errors(n, x64_seed=0):
+    model, params, batch = _mlp(n, x64_seed)
+    fit = ekfac.fit_ekfac(model.apply, params, [batch], task="classification", layers=(".*",),
+                          labels="exact", progress=False)
+    blocks = _exact_ggn_blocks(model, params, batch, fit.layers)
+    rng = np.random.default_rng(1)
+    errs = {"ekfac": [], "kfac": []}
+    for path, info in fit.layers.items():
+        f = fit.factors[path]
+        v = rng.normal(size=(info.rows, info.out_dim))
+        exact = np.linalg.solve(blocks[path] + f.damping * np.eye(v.size), v.reshape(-1)).reshape(v.shape)
+        for method in ("ekfac", "kfac"):
+            errs[method].append(_rel(f.ihvp(jnp.asarray(v), method), exact))
+    return fit, blocks, errs
+
+
+def test_single_example_is_exact(x64):
+    """One example, one token: each GGN block is exactly A ⊗ S, so K-FAC = EK-FAC = exact."""
+    fit, blocks, errs = _ihvp_errors(1)
+    assert max(errs["ekfac"]) < 1e-10 and max(errs["kfac"]) < 1e-10, errs
+    for path, f in fit.factors.items():
+        np.testing.assert_allclose(f.dense("ekfac"), blocks[path], atol=1e-12)
+        np.testing.assert_allclose(f.Lambda, np.outer(f.eig_A, f.eig_S), atol=1e-12)
+
+
+def test_ekfac_beats_kfac_and_lambda_is_ggn_diagonal(x64):
+    """Many examples: Λ = diag((Q_A⊗Q_S)ᵀ G (Q_A⊗Q_S)) exactly (labels averaged exactly), K-FAC
+    is the Kronecker product of the factors, and the EK-FAC IHVP error is below K-FAC's."""
+    fit, blocks, errs = _ihvp_errors(32)
+    for path, f in fit.factors.items():
+        q = np.kron(f.Q_A, f.Q_S)
+        np.testing.assert_allclose(f.Lambda.reshape(-1), np.diag(q.T @ blocks[path] @ q), atol=1e-12)
+        np.testing.assert_allclose(f.dense("kfac"), np.kron(f.A, f.S), atol=1e-12)
+        assert f.A.shape == (f.Q_A.shape[0],) * 2 and f.Lambda.shape == (f.A.shape[0], f.S.shape[0])
+    print("rel. IHVP error vs exact damped GGN block, per layer:", errs)
+    for e, k in zip(errs["ekfac"], errs["kfac"]):
+        assert e < k
+    assert max(errs["ekfac"]) < 1.0
+
+
+def test_sampled_labels_approach_exact(x64):
+    model, params, batch = _mlp(64)
+    exact = ekfac.fit_ekfac(model.apply, params, [batch], task="classification", layers=(".*",),
+                            labels="exact", progress=False)
+    sampled = ekfac.fit_ekfac(model.apply, params, [batch], task="classification", layers=(".*",),
+                              labels="sampled", num_samples=64, progress=False)
+    for p in exact.factors:
+        assert _rel(sampled.factors[p].S, exact.factors[p].S) < 0.15
+        assert _rel(sampled.factors[p].Lambda, exact.factors[p].Lambda) < 0.15
+        np.testing.assert_allclose(sampled.factors[p].A, exact.factors[p].A, atol=1e-12)  # labels-free
+
+
+def _tiny_lm(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, 11, (6, 7)))
+    mask = jnp.ones((6, 7), jnp.int32).at[0, 5:].set(0)
+    batch = {"tokens": tokens, "mask": mask, "loss_mask": mask}
+    model, params = build_model("transformer", jax.random.key(seed), batch, vocab_size=11, num_layers=1,
+                                d_model=8, num_heads=2, max_len=8, mlp_ratio=2)
+    return model, params, batch
+
+
+def test_lm_influence_matches_dense_gradients_and_decomposes():
+    """Default layers (mlp_in/out) of the tiny LM; scores from (X̃, Δ) equal ⟨IHVP(q), jax.grad⟩ and
+    split exactly into layers and tokens."""
+    model, params, batch = _tiny_lm()
+    fit = ekfac.fit_ekfac(model.apply, params, [batch], task="lm", progress=False)
+    assert sorted(fit.layers) == ["block_0/mlp_in", "block_0/mlp_out"]
+    per_example_loss = make_loss_fns(model).per_example_loss
+    one_grad = jax.jit(jax.vmap(lambda b: ekfac.params_to_layer_grads(
+        jax.grad(lambda p: per_example_loss(p, jax.tree_util.tree_map(lambda a: a[None], b))[0])(params), fit.layers)))
+    dense = one_grad(batch)
+    pe = ekfac.per_example_layer_grads(model.apply, params, batch, fit.layers, "lm")
+    for p in fit.layers:
+        np.testing.assert_allclose(pe[p], dense[p], rtol=2e-4, atol=1e-6)
+    queries = {p: pe[p][:2] for p in fit.layers}
+    pre = fit.ihvp(queries)
+    acts, _ = ekfac.layer_activations(model.apply, params, batch, fit.layers, "lm")
+    scores = ekfac.influence_scores(pre, acts)
+    ref = sum(jnp.einsum("qio,bio->qb", pre[p], dense[p]) for p in fit.layers)
+    np.testing.assert_allclose(scores, ref, rtol=2e-3, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+    layers = ekfac.influence_scores(pre, acts, per_layer=True)
+    np.testing.assert_allclose(sum(layers.values()), scores, rtol=1e-5, atol=1e-6)
+    tokens = ekfac.token_influence(pre, acts)
+    assert tokens.shape == (2, 6, 7)
+    np.testing.assert_allclose(tokens.sum(-1), scores, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_huge_damping_gives_gradient_dot(x64):
+    model, params, batch = _mlp(16)
+    fit = ekfac.fit_ekfac(model.apply, params, [batch], task="classification", layers=(".*",),
+                          damping=1e6, progress=False)
+    g = ekfac.per_example_layer_grads(model.apply, params, batch, fit.layers, "classification")
+    pre = fit.ihvp({p: v[:3] for p, v in g.items()})
+    acts, _ = ekfac.layer_activations(model.apply, params, batch, fit.layers, "classification")
+    dot = sum(jnp.einsum("qio,bio->qb", g[p][:3], g[p]) for p in fit.layers)
+    np.testing.assert_allclose(ekfac.influence_scores(pre, acts) * 1e6, dot, rtol=1e-4)
+
+
+class _Interrupting(list):
+    """A batch list whose item `stop` raises once, as if the process died there."""
+
+    def __init__(self, items, stop):
+        super().__init__(items)
+        self.stop = stop
+
+    def __getitem__(self, i):
+        if i == self.stop:
+            self.stop = None
+            raise KeyboardInterrupt
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("stop", [2, 5])  # killed in pass 1 (A, S) and in pass 2 (Λ: index 5-4=1)
+def test_resume_after_interrupt_gives_same_factors(tmp_path, stop):
+    model, params, _ = _mlp(8)
+    rng = np.random.default_rng(3)
+    batches = [{"x": jnp.asarray(rng.normal(size=(8, IN)), jnp.float32), "y": jnp.asarray(rng.integers(0, 3, 8))}
+               for _ in range(4)]
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    kw = dict(task="classification", layers=(".*",), progress=False, seed=7)
+    ref = ekfac.fit_ekfac(model.apply, params, batches, **kw)
+    folder = str(tmp_path / "f")
+    seq = _Interrupting(batches, stop if stop < 4 else None)
+    if stop >= 4:  # interrupt the second pass: the 2nd access of index stop-4 happens in pass 2
+        class Second(list):
+            seen = 0
+
+            def __getitem__(self, i):
+                if i == stop - 4:
+                    Second.seen += 1
+                    if Second.seen == 2:
+                        raise KeyboardInterrupt
+                return super().__getitem__(i)
+        seq = Second(batches)
+    with pytest.raises(KeyboardInterrupt):
+        ekfac.fit_ekfac(model.apply, params, seq, folder=folder, save_every=1, **kw)
+    assert os.path.exists(os.path.join(folder, ekfac.STATE_FILE))
+    got = ekfac.fit_ekfac(model.apply, params, batches, folder=folder, save_every=1, **kw)
+    assert not os.path.exists(os.path.join(folder, ekfac.STATE_FILE))
+    again = ekfac.EKFACFactors.load(folder)
+    for p in ref.factors:
+        for name in ("A", "S", "Lambda"):
+            np.testing.assert_allclose(getattr(got.factors[p], name), getattr(ref.factors[p], name), rtol=1e-6, atol=1e-9)
+            np.testing.assert_array_equal(getattr(again.factors[p], name), getattr(got.factors[p], name))
+    with pytest.raises(ValueError, match="fitted with"):
+        ekfac.fit_ekfac(model.apply, params, batches, folder=folder, **{**kw, "seed": 8})
+
+
+def test_validation_errors():
+    model, params, batch = _mlp(4)
+    with pytest.raises(ValueError, match="task"):
+        ekfac.fit_ekfac(model.apply, params, [batch], task="regression")
+    with pytest.raises(ValueError, match="labels"):
+        ekfac.fit_ekfac(model.apply, params, [batch], task="classification", labels="true")
+    with pytest.raises(ValueError, match="match no nn.Dense.*dense_0"):
+        ekfac.find_layers(model.apply, params, batch, ("nope",))
+    with pytest.raises(ValueError, match="method"):
+        fit = ekfac.fit_ekfac(model.apply, params, [batch], task="classification", layers=("head",), progress=False)
+        fit.ihvp({"head": jnp.zeros((HIDDEN + 1, CLASSES))}, method="lissa")
+
+
+def test_influence_correlates_with_exact_gauss_newton_if(x64):
+    """EK-FAC influence vs the exact damped-GGN influence ⟨(G + λI)⁻¹ q, g_i⟩ with the full (not
+    block-diagonal) GGN over both layers, same λ per layer. On this tiny, strongly coupled ReLU net
+    even the exact block-diagonal GGN only reaches Pearson ≈ 0.65 (measured: EK-FAC 0.587, K-FAC
+    0.582, exact block-diagonal 0.650, gradient dot 0.367), so the test asserts the ordering:
+    EK-FAC clearly above the unpreconditioned gradient dot product and not below K-FAC."""
+    model, params, batch = _mlp(32, 2)
+    fit = ekfac.fit_ekfac(model.apply, params, [batch], task="classification", layers=(".*",),
+                          labels="exact", progress=False)
+    # Full GGN over the concatenated vec(W̃) of both layers.
+    mats = ekfac.params_to_layer_grads(params, fit.layers)
+    paths = list(fit.layers)
+    sizes = [mats[p].size for p in paths]
+
+    def logits_of(flat):
+        parts = np.cumsum([0] + sizes)
+        m = {p: flat[parts[i]:parts[i + 1]].reshape(mats[p].shape) for i, p in enumerate(paths)}
+        p = dict(params)
+        for path, d in ekfac.layer_grads_to_params(m, fit.layers).items():
+            p = {**p, path: {**p[path], **d}}
+        return model.apply(p, batch)
+
+    flat0 = jnp.concatenate([mats[p].reshape(-1) for p in paths])
+    J = jax.jacobian(logits_of)(flat0)
+    probs = jax.nn.softmax(logits_of(flat0))
+    H = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(probs)
+    G = np.asarray(jnp.einsum("bci,bcd,bdj->ij", J, H, J)) / 32
+    damp = np.concatenate([np.full(s, fit.factors[p].damping) for p, s in zip(paths, sizes)])
+    g = ekfac.per_example_layer_grads(model.apply, params, batch, fit.layers, "classification")
+    gflat = np.concatenate([np.asarray(g[p]).reshape(32, -1) for p in paths], 1)
+    exact = gflat[:4] @ np.linalg.solve(G + np.diag(damp), gflat.T)
+    acts, _ = ekfac.layer_activations(model.apply, params, batch, fit.layers, "classification")
+    corr = {}
+    blockdiag = np.zeros_like(G)
+    edges = np.cumsum([0] + sizes)
+    for i in range(len(paths)):
+        blockdiag[edges[i]:edges[i + 1], edges[i]:edges[i + 1]] = G[edges[i]:edges[i + 1], edges[i]:edges[i + 1]]
+    candidates = {"ekfac": np.asarray(ekfac.influence_scores(fit.ihvp({p: g[p][:4] for p in paths}), acts)),
+                  "kfac": np.asarray(ekfac.influence_scores(fit.ihvp({p: g[p][:4] for p in paths}, "kfac"), acts)),
+                  "exact_block_diagonal": gflat[:4] @ np.linalg.solve(blockdiag + np.diag(damp), gflat.T),
+                  "gradient_dot": gflat[:4] @ gflat.T}
+    for name, s in candidates.items():
+        corr[name] = float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(s, exact)]))
+    print("Pearson with exact damped-GGN influence:", corr)
+    assert corr["ekfac"] > corr["gradient_dot"] + 0.1 and corr["ekfac"] >= corr["kfac"] - 0.01
