@@ -35,10 +35,10 @@ killed fit resumes where it stopped; a rerun with other settings raises `ValueEr
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from attribution.index import atomic_write_bytes
 
 __all__ = [
     "TASKS", "LABELS", "METHODS", "DEFAULT_LAYERS", "DEFAULT_DAMPING_FACTOR",
@@ -317,19 +319,11 @@ class EKFACFactors:
 
 
 def _atomic_savez(file: str, arrays: Mapping[str, np.ndarray]) -> None:
-    folder = os.path.dirname(os.path.abspath(file))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """np.savez into memory, then the index's atomic writer (temp file, fsync, rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(file, buffer.getvalue())
 
 
 def _sample_labels(key: jax.Array, logits: jax.Array, task: str) -> jax.Array:

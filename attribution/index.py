@@ -119,7 +119,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes through `.tmp-*` in the same folder, fsync, then `os.replace` (atomic on POSIX)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
@@ -186,7 +186,7 @@ def _read_manifest(path: str) -> dict | None:
 
 
 def _write_manifest(path: str, manifest: dict) -> None:
-    _atomic_write_bytes(os.path.join(path, MANIFEST),
+    atomic_write_bytes(os.path.join(path, MANIFEST),
                         (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
@@ -520,7 +520,7 @@ def build_index(
             created = _now()
         ids_file = os.path.join(path, EXAMPLE_IDS)
         if not (os.path.exists(ids_file) and _read_bytes(ids_file) == ids_bytes):
-            _atomic_write_bytes(ids_file, ids_bytes)
+            atomic_write_bytes(ids_file, ids_bytes)
         if manifest is None:
             _write_manifest(path, {**wanted, "complete": False, "shards": [], "created_utc": created})
 
@@ -540,7 +540,7 @@ def build_index(
                 bad = start + int(np.nonzero(~np.all(np.isfinite(features), axis=1))[0][0])
                 raise ValueError(f"features_fn returned non-finite values (first at example {bad}); "
                                  "nothing was written for that shard")
-            _atomic_write_bytes(os.path.join(path, _shard_name(i)), _npy_bytes(_encode(features, dtype)))
+            atomic_write_bytes(os.path.join(path, _shard_name(i)), _npy_bytes(_encode(features, dtype)))
         shards = []
         for i, (start, stop) in enumerate(ranges):
             digest = hashlib.sha256(_read_bytes(os.path.join(path, _shard_name(i)))).hexdigest()
