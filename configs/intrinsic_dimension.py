@@ -50,7 +50,7 @@ def get_config(arg=None):
     if arg in ("planted", "quick"):
         config.tasks = ("planted",)
         config.searches = ("doubling", "binary")
-        config.search.update(d0=8, full_learning_rate=3e-2, learning_rate=1e-1, num_steps=200)
+        config.search.update(d0=16, d_max=1024, full_learning_rate=3e-2, learning_rate=1e-1, num_steps=200)
     if arg == "quick":
         config.sketches = ("dense", "affd", "qk")
         config.planted.update(num_params=1024, planted_dim=16)
