@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from attribution.evaluate import spearman
+
 __all__ = ["VARIANTS", "Simfluence", "batch_counts", "fit_simfluence", "simulate", "evaluate", "spearman"]
 
 VARIANTS = ("linear", "additive")
@@ -100,16 +102,6 @@ def simulate(model: Simfluence, curriculum: np.ndarray, initial_loss: np.ndarray
     for t in range(counts.shape[0]):
         out[t + 1] = alpha[t] * out[t] + beta[t]
     return out
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties); nan if either side is constant."""
-    from scipy.stats import rankdata
-
-    ra, rb = rankdata(a), rankdata(b)
-    if np.std(ra) == 0 or np.std(rb) == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def evaluate(model: Simfluence, curricula: Sequence[np.ndarray], losses: Sequence[np.ndarray]) -> dict:

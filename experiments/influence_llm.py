@@ -45,7 +45,7 @@ import sketching  # noqa: E402
 from attribution import ekfac  # noqa: E402
 from attribution import query_batching as qb  # noqa: E402
 from attribution import tfidf  # noqa: E402
-from attribution.simfluence import spearman  # noqa: E402
+from attribution.evaluate import lds  # noqa: E402
 from configs.influence_llm import TASKS  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
 from experiments import models as models_lib  # noqa: E402
@@ -131,9 +131,11 @@ def _lds_losses(config, wd: Workdir, s: train_lm.Setup) -> tuple[list[np.ndarray
 
 
 def _lds(scores: np.ndarray, subsets, losses: np.ndarray) -> float:
-    pred = np.stack([scores[:, idx].sum(1) for idx in subsets], axis=1)  # (Q, J)
-    vals = [spearman(pred[q], -losses[:, q]) for q in range(scores.shape[0])]
-    return float(np.nanmean(vals))
+    """attribution.evaluate.lds with the retraining subsets given as index arrays."""
+    masks = np.zeros((len(subsets), scores.shape[1]))
+    for row, idx in enumerate(subsets):
+        masks[row, idx] = 1.0
+    return lds(scores, masks, losses)
 
 
 def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
