@@ -20,6 +20,11 @@ seed or checkpoint hash), another N, shard size, storage dtype or other example 
 `IndexMismatchError` naming every differing field, so vectors from different sketches are never
 mixed in one index (SPEC §7.6: record what is needed to regenerate the sketch with each store).
 
+Several processes (`attribution.distributed.build_index_distributed`, issue 9) each build an index
+of a contiguous range of shards in PATH/process-PPPP-of-QQQQ/, and process 0 writes one merged
+manifest at PATH whose shard entries are relative paths into those folders (plus a `processes`
+list); it is read exactly like a single-process index.
+
 Retrieval (`top_k`) streams the index block by block and keeps, per query, the k best (score, row)
 pairs seen so far, so memory is O(Q·(k + block)) plus one block of features; it never loads the whole
 index (ATTRIBUTION.md §5: "block every n×m product; stream training gradients; … memory-map stores").
@@ -450,7 +455,7 @@ def _validate_build_args(num_examples, meta, shard_size, dtype) -> dict:
 
 def _mismatches(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     fields = {}
-    for key in ("num_examples", "dim", "shard_size", "dtype", "example_ids_sha256"):
+    for key in ("num_examples", "dim", "shard_size", "dtype", "example_ids_sha256", "processes"):
         if old.get(key) != new.get(key):
             fields[key] = (old.get(key), new.get(key))
     old_meta, new_meta = old.get("meta", {}), new.get("meta", {})
@@ -469,6 +474,20 @@ def _existing_shard_ok(file: str, shape: tuple[int, ...], dtype: np.dtype) -> bo
     except (ValueError, OSError):
         return False
     return array.shape == shape and array.dtype == dtype
+
+
+def _wanted_manifest(num_examples, meta, shard_size, dtype, example_ids) -> tuple[dict, bytes]:
+    """(the manifest fields a build with these arguments must find or write, example ids' .npy bytes);
+    shared by `build_index` and `attribution.distributed.build_index_distributed`."""
+    meta = _validate_build_args(num_examples, meta, shard_size, dtype)
+    num_examples, shard_size = int(num_examples), int(shard_size)
+    ids_bytes = _npy_bytes(_example_ids_array(example_ids, num_examples))
+    wanted = {
+        "format": FORMAT, "version": VERSION, "meta": meta, "num_examples": num_examples, "dim": meta["m"],
+        "shard_size": shard_size, "num_shards": len(_shard_ranges(num_examples, shard_size)), "dtype": dtype,
+        "example_ids_file": EXAMPLE_IDS, "example_ids_sha256": hashlib.sha256(ids_bytes).hexdigest(),
+    }
+    return wanted, ids_bytes
 
 
 def build_index(
@@ -497,16 +516,9 @@ def build_index(
     """
     from tqdm.auto import tqdm
 
-    meta = _validate_build_args(num_examples, meta, shard_size, dtype)
-    num_examples, shard_size, m = int(num_examples), int(shard_size), meta["m"]
-    ids = _example_ids_array(example_ids, num_examples)
-    ids_bytes = _npy_bytes(ids)
+    wanted, ids_bytes = _wanted_manifest(num_examples, meta, shard_size, dtype, example_ids)
+    num_examples, shard_size, meta, m = wanted["num_examples"], wanted["shard_size"], wanted["meta"], wanted["dim"]
     ranges = _shard_ranges(num_examples, shard_size)
-    wanted = {
-        "format": FORMAT, "version": VERSION, "meta": meta, "num_examples": num_examples, "dim": m,
-        "shard_size": shard_size, "num_shards": len(ranges), "dtype": dtype,
-        "example_ids_file": EXAMPLE_IDS, "example_ids_sha256": hashlib.sha256(ids_bytes).hexdigest(),
-    }
     os.makedirs(os.path.join(path, SHARDS_DIR), exist_ok=True)
     with _build_lock(path):
         _remove_temporaries(path)

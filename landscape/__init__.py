@@ -13,10 +13,10 @@ from landscape.metrics import (
     rneg,
     subspace_overlap,
 )
-from landscape.operators import hvp_fn, mean_gradient
+from landscape.operators import hvp_fn, mean_gradient, sharded_hvp_fn
 
 __all__ = [
     "KrylovResult", "SpectralDensity", "TraceEstimate", "arnoldi", "gap_outlier_count", "gradient_alignment",
     "hutchinson", "hvp_fn", "intrinsic_dimension", "lanczos", "mean_gradient", "outlier_count", "probe_vectors", "r_ratios",
-    "relative_errors", "rneg", "slq", "subspace_overlap",
+    "relative_errors", "rneg", "sharded_hvp_fn", "slq", "subspace_overlap",
 ]

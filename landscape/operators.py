@@ -10,6 +10,15 @@ forward-over-reverse product jvp(grad J_b)(θ; v) (PyHessian's `dataloader_hv_pr
 The per-batch product is compiled once per batch shape; batches are visited in order every call,
 so the operator is a deterministic function of v (no shuffling, no dropout: the models here are
 deterministic, LANDSCAPE §1).
+
+Sharded (issue 9): `hvp_fn(..., mesh=mesh)` (or `sharded_hvp_fn`) splits every batch over the mesh
+axis `data_axis` (`NamedSharding(mesh, P("data"))`), keeps parameters already placed on the mesh
+(e.g. FSDP-sharded, `sketching.sharded.fsdp_shard_params`) and replicates the others, and places v
+like the parameters. Since J_b is a mean over examples, H_b v = (1/n_b) Σ_i H_i v: each device
+computes the forward-over-reverse product of its examples and XLA inserts the all-reduce of the
+batch mean (GSPMD). A batch whose size n_b is not a multiple of the axis size d is split into a
+sharded part of ⌊n_b/d⌋·d examples and a replicated remainder, weighted by their sizes as above (exact
+for a mean loss). The result equals the unsharded `hvp_fn` to float tolerance (summation order).
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sketching.gradients import hvp
 
@@ -48,17 +58,65 @@ def _weighted_sum(fractions: Sequence[float], trees) -> PyTree:
     return result
 
 
-def hvp_fn(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches: Sequence[Any]) -> Callable[[PyTree], PyTree]:
+def hvp_fn(
+    loss_fn: Callable[[PyTree, Any], jax.Array],
+    params: PyTree,
+    batches: Sequence[Any],
+    *,
+    mesh: Any = None,
+    data_axis: str = "data",
+) -> Callable[[PyTree], PyTree]:
     """matvec(v) = H v for the Hessian of the example-weighted mean of `loss_fn` over `batches` at `params`.
 
     `batches` is a non-empty sequence of batches (one batch is fine: `[batch]`). Returns a function of a
-    PyTree shaped like `params`, in the parameters' dtype.
+    PyTree shaped like `params`, in the parameters' dtype. With `mesh` (a `jax.sharding.Mesh`), every
+    batch is split over the mesh axis `data_axis` (see the module docstring); the result is then a
+    PyTree of global arrays placed like the parameters.
     """
+    if mesh is not None:
+        return sharded_hvp_fn(loss_fn, params, batches, mesh, data_axis=data_axis)
     fractions = _batch_fractions(batches)
     batch_hvp = jax.jit(lambda p, batch, v: hvp(loss_fn, p, batch, v))
 
     def matvec(vector: PyTree) -> PyTree:
         return _weighted_sum(fractions, (batch_hvp(params, batch, vector) for batch in batches))
+
+    return matvec
+
+
+def sharded_hvp_fn(
+    loss_fn: Callable[[PyTree, Any], jax.Array],
+    params: PyTree,
+    batches: Sequence[Any],
+    mesh: Any,
+    *,
+    data_axis: str = "data",
+) -> Callable[[PyTree], PyTree]:
+    """`hvp_fn` with every batch split over the mesh axis `data_axis` (module docstring, issue 9)."""
+    from sketching import sharded
+
+    fractions = _batch_fractions(batches)
+    d = sharded._check_axis(mesh, data_axis)
+    params = sharded._on_mesh(params, mesh)
+    param_shardings = sharded._shardings_of(params)
+    pieces: list[tuple[float, Any]] = []  # (weight, batch placed on the mesh)
+    for fraction, batch in zip(fractions, batches):
+        batch = jax.tree_util.tree_map(np.asarray, batch)
+        n = batch_size_of(batch)
+        head = n - n % d
+        if head:
+            part = jax.tree_util.tree_map(lambda a: a[:head], batch)
+            pieces.append((fraction * head / n, sharded.shard_batch(part, mesh, data_axis)))
+        if head < n:
+            part = jax.tree_util.tree_map(lambda a: a[head:], batch)
+            pieces.append((fraction * (n - head) / n, sharded.replicate(part, mesh)))
+    batch_hvp = jax.jit(lambda p, batch, v: hvp(loss_fn, p, batch, v), out_shardings=param_shardings)
+
+    def matvec(vector: PyTree) -> PyTree:
+        vector = jax.tree_util.tree_map(
+            lambda v, p: v if getattr(v, "sharding", None) == p.sharding and v.dtype == p.dtype
+            else sharded.put(jnp.asarray(v, p.dtype), p.sharding), vector, params)
+        return _weighted_sum([w for w, _ in pieces], (batch_hvp(params, b, vector) for _, b in pieces))
 
     return matvec
 

@@ -7,6 +7,7 @@
     g = sketch.transpose(state, y)                  # PyTree like params
 
 Sketches (Schioppa, NeurIPS 2024, and baselines): dense, fjl, ffd, affd, afjl, qk, sjlt.
+`sketching.sharded`: the same per-example sketching data-parallel (and FSDP) over a device mesh.
 Imports nothing else from this project.
 """
 from sketching import affd, afjl, dense, ffd, fjl, qk, sjlt  # noqa: F401  (registration)
@@ -21,6 +22,7 @@ from sketching.gradients import (
     sketched_hessian_operator,
 )
 from sketching.layout import Layout
+from sketching import sharded  # noqa: E402  (multi-device, issue 9)
 
 NAMES = names()
 
