@@ -29,7 +29,6 @@ EK-FAC factors and scores.npz.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -44,8 +43,10 @@ import numpy as np  # noqa: E402
 import sketching  # noqa: E402
 from attribution import ekfac  # noqa: E402
 from attribution import query_batching as qb  # noqa: E402
+from attribution import retrain  # noqa: E402
 from attribution import tfidf  # noqa: E402
 from attribution.evaluate import lds  # noqa: E402
+from attribution.index import params_hash  # noqa: E402
 from configs.influence_llm import TASKS  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
 from experiments import models as models_lib  # noqa: E402
@@ -110,32 +111,24 @@ def _tail_stats(scores: np.ndarray) -> dict:
     return {"top5pct_mass": float(np.mean(mass)), "tail_exponent": float(np.median(slopes)) if slopes else float("nan")}
 
 
-def _lds_losses(config, wd: Workdir, s: train_lm.Setup) -> tuple[list[np.ndarray], np.ndarray]:
-    """Retrains on `lds_subsets` random subsets; returns the subsets and query losses (J, Q)."""
+def _lds_losses(config, wd: Workdir, s: train_lm.Setup) -> tuple[np.ndarray, np.ndarray]:
+    """Retrains on `lds_subsets` random subsets (cached and resumable, attribution/retrain.py); returns
+    the subset masks (J, N) and the query losses (J, Q)."""
     n = len(s.corpus.documents)
     per_example_loss = jax.jit(models_lib.make_loss_fns(s.model).per_example_loss)
-    subsets, losses = [], []
+    masks = np.zeros((config.lds_subsets, n))
     for j in range(config.lds_subsets):
-        idx = np.sort(np.random.default_rng([config.seed, 7, j]).choice(n, int(round(config.lds_fraction * n)), replace=False))
-        sub = dataclasses.replace(s, train=data_lib.take(s.train, idx),
-                                  corpus=dataclasses.replace(s.corpus, documents=tuple(s.corpus.documents[i] for i in idx)))
-        cfg = ml_collections.ConfigDict(config.to_dict())
-        cfg.train.batch_size = min(cfg.train.batch_size, len(idx))
-        cfg.train.eval_every = 0
-        with cfg.unlocked():
-            cfg.quiet = True
-        result = train_lm.train_model(cfg, Workdir(wd.file(f"lds_{j:02d}")), sub)
-        subsets.append(idx)
-        losses.append(np.asarray(per_example_loss(result.params, s.queries), np.float64))
-    return subsets, np.stack(losses)
+        rng = np.random.default_rng([config.seed, 7, j])
+        masks[j, rng.choice(n, int(round(config.lds_fraction * n)), replace=False)] = 1.0
 
+    def query_losses(chunk: np.ndarray) -> np.ndarray:
+        return np.stack([np.asarray(per_example_loss(train_lm.train_on_subset(config, s, np.flatnonzero(mask)),
+                                                     s.queries), np.float64) for mask in chunk])
 
-def _lds(scores: np.ndarray, subsets, losses: np.ndarray) -> float:
-    """attribution.evaluate.lds with the retraining subsets given as index arrays."""
-    masks = np.zeros((len(subsets), scores.shape[1]))
-    for row, idx in enumerate(subsets):
-        masks[row, idx] = 1.0
-    return lds(scores, masks, losses)
+    losses = retrain.retrain_outcomes(wd.file("lds_retraining"), masks, query_losses, chunk_size=1,
+                                      fingerprint={"train_lm": config.to_dict(), "params0": params_hash(s.params)},
+                                      progress=not config.get("quiet", False), description="LDS retraining")
+    return masks, losses
 
 
 def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
@@ -189,7 +182,7 @@ def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
     scores[("trak", "dense")] = phi_q @ np.linalg.solve(kernel, phi_t.T)
 
     # Evaluation.
-    subsets, lds_losses = _lds_losses(config, wd, s) if config.lds_subsets else ([], None)
+    lds_masks, lds_losses = _lds_losses(config, wd, s) if config.lds_subsets else (None, None)
     ks = sorted(set(config.recall_ks))
     for (scorer, sk_name), sc in scores.items():
         prefix = f"{scorer}/{sk_name}"
@@ -198,7 +191,7 @@ def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
         planted = [sc[q, list(docs)].mean() / max(np.abs(sc[q]).mean(), 1e-300) for q, docs in enumerate(relevant)]
         out[f"{prefix}/planted_ratio"] = float(np.mean(planted))
         if lds_losses is not None:
-            out[f"{prefix}/lds"] = _lds(sc, subsets, lds_losses)
+            out[f"{prefix}/lds"] = lds(sc, lds_masks, lds_losses)
         if sk_name not in ("none", "dense") and scorer == "cosine":
             out[f"{prefix}/pearson_vs_exact"] = float(np.mean(
                 [np.corrcoef(a, b)[0, 1] for a, b in zip(sc, scores[("cosine", "none")])]))

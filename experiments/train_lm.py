@@ -142,6 +142,26 @@ def train_model(config, workdir: Workdir, s: Setup) -> train_lib.TrainResult:
     )
 
 
+def train_on_subset(config, s: Setup, indices: np.ndarray) -> Any:
+    """Parameters after training from `s.params` on the documents `indices` only (in memory, quiet):
+    the same optimiser and number of steps, batches drawn from the subset (batch size capped at its
+    size). The retraining of LDS / counterfactual evaluations (attribution/retrain.py caches results)."""
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or len(indices) == 0:
+        raise ValueError(f"indices must be a non-empty 1-D array of document indices, got shape {indices.shape}")
+    t = config.train
+    subset = data_lib.take(s.train, indices)
+    batch_size = min(t.batch_size, len(indices))
+    optimizer = train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule,
+                                         t.warmup_steps, t.weight_decay)
+
+    def batch_at(step: int) -> dict:
+        return data_lib.take(subset, data_lib.batch_indices(len(indices), batch_size, step, config.seed))
+
+    loss_fn = models_lib.make_loss_fns(s.model).loss_fn
+    return train_lib.train(loss_fn, s.params, optimizer, batch_at, t.num_steps, log_every=0, quiet=True).params
+
+
 def run(config, workdir: Workdir) -> dict:
     s = setup(config)
     result = train_model(config, workdir, s)

@@ -36,6 +36,7 @@ def test_cg_solves_spd(x64):
     a = rng.normal(size=(6, 6)); a = a @ a.T + np.eye(6)
     b = rng.normal(size=(2, 6))
     x = scorers.inverse_hvp(lambda v: jnp.asarray(a) @ v, b, damping=0.5)
+    np.testing.assert_allclose(scorers.inverse_hvp(lambda v: jnp.asarray(a) @ v, b, damping=0.5, batch_size=1), x, rtol=1e-12)
     np.testing.assert_allclose(x, np.linalg.solve(a + 0.5 * np.eye(6), b.T).T, rtol=1e-8)
 
 
@@ -76,3 +77,45 @@ def test_exact_if_matches_leave_one_out(x64):
     # differs at second order O(1/N²)
     np.testing.assert_allclose(pred, actual, atol=0.05 * np.abs(actual).max())
     assert np.corrcoef(pred.ravel(), actual.ravel())[0, 1] > 0.99
+
+
+def test_trak_train_weights_rescale_columns(x64):
+    (q1, t1), (q2, t2) = _feats(4), _feats(5)
+    w1, w2 = np.linspace(0.1, 0.9, 7), np.linspace(1.0, 0.2, 7)
+    ref = (q1 @ np.linalg.inv(t1.T @ t1 + 0.2 * np.eye(5)) @ t1.T * w1
+           + q2 @ np.linalg.inv(t2.T @ t2 + 0.2 * np.eye(5)) @ t2.T * w2) / 2
+    got = scorers.trak_scores([q1, q2], [t1, t2], damping=0.2, train_weights_per_model=[w1, w2])
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
+    with pytest.raises(ValueError, match="train weights of model 0"):
+        scorers.trak_scores([q1], [t1], train_weights_per_model=[w1[:3]])
+
+
+def test_arnoldi_influence_full_rank_equals_inverse_and_truncation(x64):
+    """With all D eigenpairs of an SPD H (found by landscape.arnoldi) the Arnoldi score equals
+    g_zᵀ H⁻¹ g_x; keeping the top p equals the rank-p truncated pseudo-inverse."""
+    from landscape import arnoldi
+
+    rng = np.random.default_rng(6)
+    d = 12
+    a = rng.normal(size=(d, d))
+    h = a @ a.T / d + 0.1 * np.eye(d)
+    q, t = rng.normal(size=(3, d)), rng.normal(size=(8, d))
+    result = arnoldi(lambda v: jnp.asarray(h) @ v, jnp.zeros(d), d, jax.random.PRNGKey(0))
+    vecs = np.asarray(result.ritz_vectors())
+    full = scorers.arnoldi_influence_scores(q, t, result.eigenvalues, vecs)
+    np.testing.assert_allclose(full, q @ np.linalg.solve(h, t.T), rtol=1e-7, atol=1e-9)
+    lam, u = np.linalg.eigh(h)
+    top = slice(d - 4, d)
+    ref = q @ u[:, top] @ np.diag(1 / lam[top]) @ u[:, top].T @ t.T
+    np.testing.assert_allclose(scorers.arnoldi_influence_scores(q, t, result.eigenvalues[:4], vecs[:4]), ref,
+                               rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="no eigenvalue exceeds"):
+        scorers.arnoldi_influence_scores(q, t, -np.ones(2), vecs[:2])
+
+
+def test_trak_gram_form_for_wide_features(x64):
+    """m > N switches to the N × N Gram form; it equals the m × m formula for λ > 0."""
+    q, t = _feats(7, q=2, n=4, m=9)
+    ref = q @ np.linalg.inv(t.T @ t + 0.5 * np.eye(9)) @ t.T
+    np.testing.assert_allclose(scorers.trak_scores([q], [t], damping=0.5), ref, rtol=1e-10)
+    np.testing.assert_allclose(scorers.trak_scores([q], [t]), q @ np.linalg.pinv(t) , rtol=1e-8)
