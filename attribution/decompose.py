@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 __all__ = ["layer_groups", "per_layer_scores", "per_token_gradients", "per_token_scores"]
 

@@ -24,7 +24,6 @@ import io
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
