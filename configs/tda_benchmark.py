@@ -30,6 +30,9 @@ def get_config(arg=None):
     config.sketches = SKETCHES            # "none" (exact gradients) is always evaluated as well
     config.sketch_dims = (64, 256, 1024)  # m sweep; values with m >= D of a model are skipped
     config.sketch_dim = 256               # the headline m (must be one of sketch_dims)
+    # The LM's m sweep: each sketched exact IF there forms ΦHΦᵀ from m HVPs through the transformer
+    # (m = 1024 costs ≈ 7 min per sketch on 2 CPU cores), so the default sweeps only the headline m.
+    config.facts_sketch_dims = (256,)
     config.index_shard_size = 512
     # Digits (scikit-learn, 8x8): full-batch Adam with cosine decay on an L2-regularised mean loss, in
     # float64, so retraining is deterministic and converged (gradient norm ~1e-9 on logreg).
@@ -62,6 +65,7 @@ def get_config(arg=None):
         config.tasks = ("digits_logreg", "facts_lm")
         config.sketches = ("qk", "afjl")
         config.sketch_dims = (64, 256)
+        config.facts_sketch_dims = (64, 256)
         config.digits.update(num_train=600, num_queries=40, num_steps=2000)
         config.lds_subsets = 20
         config.loo_examples = 40

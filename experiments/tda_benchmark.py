@@ -98,10 +98,11 @@ def validate_config(config) -> None:
     _subset("sketches", config.sketches, SKETCHES)
     _subset("brittleness_scorers", config.brittleness_scorers, config.scorers)
     _subset("layer_selection_sketches", config.layer_selection_sketches, SKETCHES)
-    for m in config.sketch_dims:
+    for m in tuple(config.sketch_dims) + tuple(config.facts_sketch_dims):
         _positive_int("sketch_dims[...]", m, 2)
-    if config.sketch_dim not in tuple(config.sketch_dims):
-        raise ValueError(f"config.sketch_dim={config.sketch_dim} must be one of sketch_dims={tuple(config.sketch_dims)}")
+    for name in ("sketch_dims", "facts_sketch_dims"):
+        if config.sketch_dim not in tuple(config[name]):
+            raise ValueError(f"config.sketch_dim={config.sketch_dim} must be one of {name}={tuple(config[name])}")
     if not 0 < config.cg_tol < 1:
         raise ValueError(f"config.cg_tol must be in (0, 1), got {config.cg_tol!r}")
     for name in ("tracin_checkpoints", "trak_models", "arnoldi_iters", "arnoldi_top", "cg_iters", "retrain_chunk",
@@ -532,7 +533,8 @@ def _run_task(task: Task, config, wd: Workdir, timings: dict) -> dict:
     out: dict[str, float] = {}
     d = Layout.from_template(task.params).size
     truth = _ground_truth(task, config, wd)
-    representations = [("none", None)] + [(s, m) for s in config.sketches for m in config.sketch_dims if m < d]
+    dims = config.facts_sketch_dims if task.name == "facts_lm" else config.sketch_dims
+    representations = [("none", None)] + [(s, m) for s in config.sketches for m in dims if m < d]
     exact_scores: dict[str, np.ndarray] = {}
     for sketch_name, m in representations:
         start = time.perf_counter()
@@ -589,7 +591,8 @@ def _plot(path: str, summary: dict, config) -> None:
         ax.legend(fontsize=7, ncol=2)
         ax = axes[row, 1]
         for sketch in config.sketches:
-            ms = [m for m in config.sketch_dims if f"{task}/dot/{sketch}/corr_vs_none@m{m}" in summary]
+            ms = [m for m in sorted(set(config.sketch_dims) | set(config.facts_sketch_dims))
+                  if f"{task}/dot/{sketch}/corr_vs_none@m{m}" in summary]
             ax.plot(ms, [summary[f"{task}/dot/{sketch}/corr_vs_none@m{m}"] for m in ms], "o-", label=sketch)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("m")

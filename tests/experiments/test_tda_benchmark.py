@@ -14,8 +14,10 @@ from experiments.run import run_experiment
 def _tiny_config():
     config = config_lib.get_config("quick")
     config.digits.update(num_train=120, num_queries=8, num_steps=1500)
-    config.update(sketches=("qk",), layer_selection_sketches=("qk",), sketch_dims=(32, 64), sketch_dim=64, lds_subsets=8, loo_examples=12, brittleness_queries=2,
-                  brittleness_ks=(5,), arnoldi_iters=24, arnoldi_top=12, tracin_checkpoints=2, layer_selection_m=128)
+    config.update(sketches=("qk",), layer_selection_sketches=("qk",), sketch_dims=(32, 64),
+                  facts_sketch_dims=(32, 64), sketch_dim=64, lds_subsets=8, loo_examples=12,
+                  brittleness_queries=2, brittleness_ks=(5,), arnoldi_iters=24, arnoldi_top=12,
+                  tracin_checkpoints=2, layer_selection_m=128)
     config.facts.data.update(num_facts=6, num_distractors=6, num_heldout=2)
     config.facts.train.update(num_steps=30, batch_size=8, checkpoint_every=15, eval_every=30, warmup_steps=2)
     config.facts.model.update(num_layers=1, d_model=16, num_heads=2)
