@@ -147,6 +147,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             os.close(dir_fd)
 
 
+def atomic_write_npy(path: str, array: np.ndarray) -> None:
+    """`np.save(path, array, allow_pickle=False)` through `atomic_write_bytes`."""
+    atomic_write_bytes(path, _npy_bytes(array))
+
+
 def _read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -552,7 +557,7 @@ def build_index(
                 bad = start + int(np.nonzero(~np.all(np.isfinite(features), axis=1))[0][0])
                 raise ValueError(f"features_fn returned non-finite values (first at example {bad}); "
                                  "nothing was written for that shard")
-            atomic_write_bytes(os.path.join(path, _shard_name(i)), _npy_bytes(_encode(features, dtype)))
+            atomic_write_npy(os.path.join(path, _shard_name(i)), _encode(features, dtype))
         shards = []
         for i, (start, stop) in enumerate(ranges):
             digest = hashlib.sha256(_read_bytes(os.path.join(path, _shard_name(i)))).hexdigest()

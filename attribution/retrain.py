@@ -20,14 +20,13 @@ Subset generators (Park et al. 2023 §2.2; Koh & Liang 2017; Ilyas et al. 2022 "
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from attribution.index import atomic_write_bytes
+from attribution.index import atomic_write_bytes, atomic_write_npy
 
 __all__ = ["RetrainMismatchError", "random_subset_masks", "leave_one_out_masks", "top_k_removal_masks",
            "retrain_outcomes"]
@@ -99,12 +98,6 @@ def _check_manifest(path: str, manifest: dict) -> None:
         atomic_write_bytes(file, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
-def _save(file: str, outcome: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(outcome, dtype=np.float64), allow_pickle=False)
-    atomic_write_bytes(file, buffer.getvalue())
-
-
 def retrain_outcomes(path: str, masks: np.ndarray, train_and_evaluate: Callable[[np.ndarray], np.ndarray], *,
                      fingerprint: Mapping, chunk_size: int = 16, progress: bool = False,
                      description: str = "retraining") -> np.ndarray:
@@ -136,7 +129,7 @@ def retrain_outcomes(path: str, masks: np.ndarray, train_and_evaluate: Callable[
             if outcomes.shape[0] != len(chunk):
                 raise ValueError(f"train_and_evaluate returned {outcomes.shape[0]} outcomes for {len(chunk)} masks")
             for r, outcome in zip(chunk, outcomes):
-                _save(_run_file(path, r), outcome)
+                atomic_write_npy(_run_file(path, r), np.asarray(outcome, dtype=np.float64))
             bar.update(len(chunk))
         bar.close()
     return np.stack([np.load(_run_file(path, r), allow_pickle=False) for r in range(len(masks))])

@@ -125,12 +125,8 @@ def prepare(config, num_classes: int | None = None) -> Setup:
         config.model.name, jax.random.key(config.seed), data_lib.take(train_arrays, np.arange(1)), **options)
     losses = models_lib.make_loss_fns(model)
     t = config.train
-    optimizer = train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule,
-                                         t.warmup_steps, t.weight_decay)
-    num_train = len(train_arrays["y"])
-
-    def batch_at(step: int) -> dict:
-        return data_lib.take(train_arrays, data_lib.batch_indices(num_train, t.batch_size, step, config.seed))
+    optimizer = train_lib.optimizer_from_config(t)
+    batch_at = train_lib.batch_fn(train_arrays, t.batch_size, config.seed)
 
     eval_loss = jax.jit(losses.loss_fn)
     correct = jax.jit(functools.partial(models_lib.per_example_correct, model))

@@ -500,12 +500,9 @@ def _train(config, wd: Workdir, model, init_params, train_arrays, num_steps: int
     loss_fn = models_lib.make_loss_fns(model).loss_fn
     optimizer = train_lib.make_optimizer(t.optimizer, t.learning_rate, num_steps, t.schedule,
                                          min(t.warmup_steps, max(num_steps - 1, 0)), t.weight_decay)
-    n = len(train_arrays["tokens"])
     batch = _model_batch(train_arrays)
     eval_loss = jax.jit(loss_fn)
-
-    def batch_at(step):
-        return data_lib.take(batch, data_lib.batch_indices(n, t.batch_size, step, config.seed))
+    batch_at = train_lib.batch_fn(batch, t.batch_size, config.seed)
 
     return train_lib.train(loss_fn, init_params, optimizer, batch_at, num_steps, workdir=wd,
                            checkpoint_every=0, eval_fn=lambda p: {"loss": float(eval_loss(p, batch))},

@@ -68,7 +68,7 @@ from experiments import train_lm  # noqa: E402
 from experiments.demo import first_relevant_ranks, retrieval_metrics  # noqa: E402
 from experiments.workdir import Workdir, atomic_write_text  # noqa: E402
 from landscape import arnoldi  # noqa: E402
-from landscape.lanczos import sketched_operator  # noqa: E402
+from landscape.lanczos import cast_to_layout, sketched_operator  # noqa: E402
 from landscape.operators import hvp_fn  # noqa: E402
 from sketching.gradients import sketch_per_example_gradients  # noqa: E402
 from sketching.layout import Layout  # noqa: E402
@@ -205,12 +205,13 @@ def _digits_task(config, name: str) -> Task:
     retrain_batch = jax.jit(jax.vmap(lambda w: query_outcome(fit(params0, w)[0])))
 
     ones = jnp.ones(d.num_train, jnp.float64)
-    params, trajectory = jax.jit(fit)(params0, ones)
+    fit_all = jax.jit(fit)
+    params, trajectory = fit_all(params0, ones)
     lr_per_step = np.asarray([schedule(t) for t in range(d.num_steps)], np.float64)
     bounds = np.concatenate([[0], ckpt_steps])
     checkpoints = [(jax.tree_util.tree_map(lambda a: a[i], trajectory), float(lr_per_step[bounds[i]:bounds[i + 1]].sum()))
                    for i in range(len(ckpt_steps))]
-    ensemble = [params] + [jax.jit(fit)(init(config.seed + 1000 * e)[1], ones)[0] for e in range(1, config.trak_models)]
+    ensemble = [params] + [fit_all(init(config.seed + 1000 * e)[1], ones)[0] for e in range(1, config.trak_models)]
     grad_norm = float(jnp.sqrt(_sq_norm(jax.grad(objective)(params, ones))))
     hessian_vp = jax.jit(lambda v: jax.jvp(lambda p: jax.grad(objective)(p, ones), (params,), (v,))[1])
 
@@ -234,11 +235,9 @@ def _facts_task(config, wd: Workdir) -> Task:
     s = train_lm.setup(cfg)
     folder = Workdir(wd.file("facts_lm/model"))
     result = train_lm.train_model(cfg, folder, s)
-    per_example_loss = models_lib.make_loss_fns(s.model).per_example_loss
-    loss_fn = models_lib.make_loss_fns(s.model).loss_fn
-    opt_state = train_lib.make_optimizer(cfg.train.optimizer, cfg.train.learning_rate, cfg.train.num_steps,
-                                         cfg.train.schedule, cfg.train.warmup_steps,
-                                         cfg.train.weight_decay).init(s.params)
+    loss_fns = models_lib.make_loss_fns(s.model)
+    per_example_loss = loss_fns.per_example_loss
+    opt_state = train_lib.optimizer_from_config(cfg.train).init(s.params)  # the checkpoints' template
     checkpoints = []
     previous = 0
     for step, path in train_lib.list_checkpoints(folder.file("checkpoints")):
@@ -260,7 +259,7 @@ def _facts_task(config, wd: Workdir) -> Task:
     print(f"[facts_lm] D={models_lib.count_params(result.params)}, N={len(s.corpus.documents)}, "
           f"Q={len(s.corpus.queries)}, query accuracy {result.eval_metrics.get('query_accuracy', float('nan')):.2f}")
     return Task("facts_lm", per_example_loss, result.params, s.train, s.queries, checkpoints, [result.params],
-                jax.jit(hvp_fn(loss_fn, result.params, [s.train])), None,
+                jax.jit(hvp_fn(loss_fns.loss_fn, result.params, [s.train])), None,
                 outcomes if config.facts_lds_subsets else None, [q.documents for q in s.corpus.queries], fingerprint)
 
 
@@ -277,6 +276,7 @@ class Features:
     per_model: list[tuple[np.ndarray, np.ndarray]]        # TRAK (queries, train) per ensemble model
     operator: Callable[[jax.Array], jax.Array]            # H (none) or ΦHΦᵀ (sketched) on R^m (vmappable)
     arnoldi_sketch: Any                    # `sketch=` argument of landscape.arnoldi
+    index_build: tuple[float, int] | None  # (build seconds, bytes) of the sketched index; None for `none`
 
 
 def _loss_one(per_example_loss):
@@ -293,7 +293,7 @@ def _blocks(fn, arrays, size: int = 256) -> np.ndarray:
                            for i in range(0, n, size)])
 
 
-def _features(task: Task, sketch_name: str, m: int | None, wd: Workdir, config, timings: dict) -> Features:
+def _features(task: Task, sketch_name: str, m: int | None, wd: Workdir, config) -> Features:
     """Exact flattened gradients (`none`) or sketched ones; the final model's training features of a
     sketch go through the on-disk index (its build is timed and sized)."""
     layout = Layout.from_template(task.params)
@@ -319,7 +319,7 @@ def _features(task: Task, sketch_name: str, m: int | None, wd: Workdir, config, 
     if sketch is None:
         train = featurize(task.params, task.train)
         flat_hvp = jax.jit(lambda v: layout.flatten(task.hvp(layout.unflatten(v))))
-        operator, arnoldi_sketch = flat_hvp, None
+        operator, arnoldi_sketch, index_build = flat_hvp, None, None
     else:
         path = wd.file(f"{task.name}/index/{sketch_name}_m{m}")
         timing_file = os.path.join(path, "build_time.json")
@@ -331,7 +331,7 @@ def _features(task: Task, sketch_name: str, m: int | None, wd: Workdir, config, 
         if not os.path.exists(timing_file):  # a fresh build (a reopened index keeps its measured time)
             atomic_write_text(timing_file, json.dumps({"build_s": time.perf_counter() - start}))
         with open(timing_file) as f:
-            timings[(task.name, sketch_name, m)] = (json.load(f)["build_s"], index.nbytes)
+            index_build = (json.load(f)["build_s"], index.nbytes)
         train = index.load().astype(np.float64)
         operator, arnoldi_sketch = sketched_operator(task.hvp, sketch, state, layout), (sketch, state)
     queries = featurize(task.params, task.queries)
@@ -339,7 +339,7 @@ def _features(task: Task, sketch_name: str, m: int | None, wd: Workdir, config, 
                                       for e, p in enumerate(task.ensemble[1:], start=1)]
     per_checkpoint = [(featurize(p, task.queries), featurize(p, task.train)) for p, _ in task.checkpoints]
     return Features(train=train, queries=queries, per_checkpoint=per_checkpoint, per_model=per_model,
-                    operator=operator, arnoldi_sketch=arnoldi_sketch)
+                    operator=operator, arnoldi_sketch=arnoldi_sketch, index_build=index_build)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,16 +500,18 @@ def _metrics(task: Task, scores: np.ndarray, truth: GroundTruth) -> dict:
 # Layer selection vs whole-model sketches (SPEC §4, Experiment A)
 # ----------------------------------------------------------------------------------------------
 
-def _layer_selection(task: Task, reference: dict[str, np.ndarray], config) -> dict:
+def _layer_selection(task: Task, exact_queries: np.ndarray, exact_train: np.ndarray, reference: dict[str, np.ndarray],
+                     config) -> dict:
     """Pearson over all (query, train) pairs of single-layer dot scores and whole-model sketched dot
-    scores against the whole-model references (dot, and exact IF where computed)."""
-    grads = jax.jit(jax.vmap(jax.grad(_loss_one(task.per_example_loss)), in_axes=(None, 0)))
-    train_grads = grads(task.params, task.train)
-    query_grads = grads(task.params, task.queries)
+    scores against the whole-model references (dot, and exact IF where computed); the per-example
+    gradients are the exact features, unflattened into parameter PyTrees."""
+    layout = Layout.from_template(task.params)
+    unflatten = jax.jit(jax.vmap(lambda flat: cast_to_layout(layout.unflatten(flat), layout)))
+    train_grads = unflatten(jnp.asarray(exact_train))
+    query_grads = unflatten(jnp.asarray(exact_queries))
     depth = 2 if task.name == "facts_lm" else 1
     per_layer = per_layer_scores(query_grads, train_grads, depth=depth)
     out = {}
-    layout = Layout.from_template(task.params)
     for layer, s in per_layer.items():
         for ref_name, ref in reference.items():
             out[f"layer_selection/{layer}/pearson_{ref_name}"] = _pearson_all(np.asarray(s), ref)
@@ -529,18 +531,26 @@ def _layer_selection(task: Task, reference: dict[str, np.ndarray], config) -> di
 # Driver, plots, report
 # ----------------------------------------------------------------------------------------------
 
-def _run_task(task: Task, config, wd: Workdir, timings: dict) -> dict:
+def _run_task(task: Task, config, wd: Workdir) -> dict:
     out: dict[str, float] = {}
     d = Layout.from_template(task.params).size
     truth = _ground_truth(task, config, wd)
     dims = config.facts_sketch_dims if task.name == "facts_lm" else config.sketch_dims
     representations = [("none", None)] + [(s, m) for s in config.sketches for m in dims if m < d]
     exact_scores: dict[str, np.ndarray] = {}
+    exact_gradients = None  # (queries, train) flattened exact gradients, for the layer-selection study
     for sketch_name, m in representations:
         start = time.perf_counter()
-        feats = _features(task, sketch_name, m, wd, config, timings)
+        feats = _features(task, sketch_name, m, wd, config)
+
+        def record(key: str, value: float) -> None:
+            """`key@m<m>` for every sketched m, plus the bare key for `none` and the headline m."""
+            if m is not None:
+                out[f"{key}@m{m}"] = value
+            if m in (None, config.sketch_dim):
+                out[key] = value
+
         scores = _score_all(task, feats, config)
-        suffix = "" if m in (None, config.sketch_dim) else f"@m{m}"
         for scorer, s in scores.items():
             metrics = _metrics(task, s, truth)
             if sketch_name == "none":
@@ -548,15 +558,13 @@ def _run_task(task: Task, config, wd: Workdir, timings: dict) -> dict:
             else:
                 metrics["corr_vs_none"] = _pearson_all(s, exact_scores[scorer])
             for metric, value in metrics.items():
-                out[f"{scorer}/{sketch_name}/{metric}{suffix}"] = value
-                if m == config.sketch_dim and sketch_name != "none":
-                    out[f"{scorer}/{sketch_name}/{metric}@m{m}"] = value
-        if sketch_name != "none":
-            build_s, size = timings[(task.name, sketch_name, m)]
-            for key, value in (("build_s", build_s), ("size_bytes", size)):
-                out[f"index/{sketch_name}/{key}{suffix}"] = value
-                if m == config.sketch_dim:
-                    out[f"index/{sketch_name}/{key}@m{m}"] = value
+                record(f"{scorer}/{sketch_name}/{metric}", value)
+        if feats.index_build is None:
+            exact_gradients = (feats.queries, feats.train)
+        else:
+            record(f"index/{sketch_name}/build_s", feats.index_build[0])
+            record(f"index/{sketch_name}/size_bytes", feats.index_build[1])
+        suffix = "" if m is None else f"@m{m}"
         print(f"[{task.name}] {sketch_name}{'' if m is None else f' m={m}'}: "
               + ", ".join(f"{k}={out.get(f'{k}/{sketch_name}/{_headline(task)}{suffix}', float('nan')):.3f}"
                           for k in scores) + f" ({time.perf_counter() - start:.1f} s)")
@@ -566,7 +574,7 @@ def _run_task(task: Task, config, wd: Workdir, timings: dict) -> dict:
     if "exact_if" in exact_scores:
         references["exact_if"] = exact_scores["exact_if"]
     if references:
-        out.update(_layer_selection(task, references, config))
+        out.update(_layer_selection(task, *exact_gradients, references, config))
     return {f"{task.name}/{k}": float(v) for k, v in out.items()}
 
 
@@ -643,16 +651,15 @@ def _report(summary: dict, config) -> str:
 
 def run(config, workdir: Workdir) -> dict:
     summary: dict[str, float] = {}
-    timings: dict = {}
     for name in config.tasks:
         start = time.perf_counter()
         if name == "facts_lm":
             task = _facts_task(config, workdir)
-            summary.update(_run_task(task, config, workdir, timings))
+            summary.update(_run_task(task, config, workdir))
         else:
             with jax.enable_x64(True):
                 task = _digits_task(config, name)
-                summary.update(_run_task(task, config, workdir, timings))
+                summary.update(_run_task(task, config, workdir))
         summary[f"{name}/wall_time_s"] = time.perf_counter() - start
     _plot(workdir.file("tda_benchmark.png"), summary, config)
     atomic_write_text(workdir.file("report.md"), _report(summary, config))

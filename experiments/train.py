@@ -33,6 +33,7 @@ import safetensors.numpy
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from experiments import data as data_lib
 from experiments.workdir import Workdir, atomic_write_bytes
 
 PyTree = Any
@@ -48,7 +49,25 @@ def validate_train_section(config, min_max_len: int) -> None:
     t = config.train
     if isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int) or t.batch_size < 1:
         raise ValueError(f"config.train.batch_size must be a positive int, got {t.batch_size!r}")
-    make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule, t.warmup_steps, t.weight_decay)
+    optimizer_from_config(t)
+
+
+def optimizer_from_config(train_section) -> optax.GradientTransformation:
+    """`make_optimizer` from a config's `train` section (optimizer, learning_rate, num_steps, schedule,
+    warmup_steps, weight_decay)."""
+    t = train_section
+    return make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule, t.warmup_steps, t.weight_decay)
+
+
+def batch_fn(arrays: dict, batch_size: int, seed: int) -> Callable[[int], dict]:
+    """step -> the batch of that step: the rows `data.batch_indices(N, batch_size, step, seed)` of every
+    array (a pure function of (seed, step), so a resumed run sees the same data)."""
+    num_examples = len(next(iter(arrays.values())))
+
+    def batch_at(step: int) -> dict:
+        return data_lib.take(arrays, data_lib.batch_indices(num_examples, batch_size, step, seed))
+
+    return batch_at
 
 
 def make_optimizer(name: str, learning_rate: float, num_steps: int, schedule: str = "constant",

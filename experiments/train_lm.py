@@ -116,15 +116,10 @@ def train_model(config, workdir: Workdir, s: Setup) -> train_lib.TrainResult:
     """Trains (or resumes) the LM of `s` with config.train; checkpoints in the workdir."""
     t = config.train
     loss_fn = models_lib.make_loss_fns(s.model).loss_fn
-    optimizer = train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule,
-                                         t.warmup_steps, t.weight_decay)
     num_docs = len(s.corpus.documents)
     if t.batch_size > num_docs:
         raise ValueError(f"config.train.batch_size={t.batch_size} > {num_docs} training documents")
-
-    def batch_at(step: int) -> dict:
-        return data_lib.take(s.train, data_lib.batch_indices(num_docs, t.batch_size, step, config.seed))
-
+    batch_at = train_lib.batch_fn(s.train, t.batch_size, config.seed)
     eval_loss = jax.jit(loss_fn)
     accuracy = accuracy_fn(s.model)
 
@@ -136,7 +131,7 @@ def train_model(config, workdir: Workdir, s: Setup) -> train_lib.TrainResult:
     s.tokenizer.save(workdir.file("tokenizer.json"))
     write_corpus(workdir.file("corpus.json"), s.corpus)
     return train_lib.train(
-        loss_fn, s.params, optimizer, batch_at, t.num_steps, workdir=workdir,
+        loss_fn, s.params, train_lib.optimizer_from_config(config.train), batch_at, t.num_steps, workdir=workdir,
         checkpoint_every=t.checkpoint_every, eval_fn=evaluate, eval_every=t.eval_every,
         log_every=t.log_every, quiet=config.get("quiet", False), description="train LM",
     )
@@ -149,17 +144,11 @@ def train_on_subset(config, s: Setup, indices: np.ndarray) -> Any:
     indices = np.asarray(indices)
     if indices.ndim != 1 or len(indices) == 0:
         raise ValueError(f"indices must be a non-empty 1-D array of document indices, got shape {indices.shape}")
-    t = config.train
-    subset = data_lib.take(s.train, indices)
-    batch_size = min(t.batch_size, len(indices))
-    optimizer = train_lib.make_optimizer(t.optimizer, t.learning_rate, t.num_steps, t.schedule,
-                                         t.warmup_steps, t.weight_decay)
-
-    def batch_at(step: int) -> dict:
-        return data_lib.take(subset, data_lib.batch_indices(len(indices), batch_size, step, config.seed))
-
     loss_fn = models_lib.make_loss_fns(s.model).loss_fn
-    return train_lib.train(loss_fn, s.params, optimizer, batch_at, t.num_steps, log_every=0, quiet=True).params
+    batch_at = train_lib.batch_fn(data_lib.take(s.train, indices), min(config.train.batch_size, len(indices)),
+                                  config.seed)
+    return train_lib.train(loss_fn, s.params, train_lib.optimizer_from_config(config.train), batch_at, config.train.num_steps,
+                           log_every=0, quiet=True).params
 
 
 def run(config, workdir: Workdir) -> dict:
