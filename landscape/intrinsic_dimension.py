@@ -26,10 +26,8 @@ are moved to the next accepted one by `accepted_dimension`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import artifacts
 import sketching
 from sketching.gradients import add_to_params
 
@@ -140,15 +139,24 @@ def train_subspace(
 # ----------------------------------------------------------------------------------------------
 
 class DimensionSearchLog:
-    """A JSON file {"points": {"<d>/<seed>": metric}} written atomically after every trained point,
-    so an interrupted search resumes without retraining anything it has recorded."""
+    """A JSON file {"points": {"<d>/<seed>": metric}, "fingerprint": {...}} written atomically after every
+    trained point, so an interrupted search resumes without retraining anything it has recorded.
 
-    def __init__(self, path: str | None):
+    `fingerprint` (a JSON-able mapping of everything that determines train_at's metric: task, sketch,
+    steps per d, learning rate, …) is stored in the log and compared on every reopening: a log made
+    with other settings, or one that records none, raises `artifacts.FingerprintMismatchError` naming
+    the differing fields instead of silently supplying stale metrics (e.g. after the number of training
+    steps per d changed). Without a fingerprint nothing is checked."""
+
+    def __init__(self, path: str | None, fingerprint: dict | None = None):
         self.path = path
+        self.fingerprint = None if fingerprint is None else artifacts.normalise(fingerprint)
         self.points: dict[str, float] = {}
         if path is not None and os.path.exists(path):
-            with open(path) as f:
-                self.points = {k: float(v) for k, v in json.load(f)["points"].items()}
+            stored = artifacts.read_json(path)
+            if self.fingerprint is not None:
+                artifacts.check_fields(path, stored.get("fingerprint"), self.fingerprint, what="d90 search log")
+            self.points = {k: float(v) for k, v in stored["points"].items()}
 
     def get(self, d: int, seed: int) -> float | None:
         return self.points.get(f"{d}/{seed}")
@@ -157,12 +165,10 @@ class DimensionSearchLog:
         self.points[f"{d}/{seed}"] = float(metric)
         if self.path is None:
             return
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"points": self.points}, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        record = {"points": self.points}
+        if self.fingerprint is not None:
+            record["fingerprint"] = self.fingerprint
+        artifacts.atomic_write_json(self.path, record, nonfinite="flag")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,14 +219,16 @@ def doubling_search(
     ratio: float = 1.1,
     log_path: str | None = None,
     adjust: Callable[[int], int] = lambda d: d,
+    fingerprint: dict | None = None,
 ) -> SearchResult:
-    """The paper's search (doubling, then log-space bisection of the bracket; module docstring)."""
+    """The paper's search (doubling, then log-space bisection of the bracket; module docstring).
+    `fingerprint`: see `DimensionSearchLog` (a log made with other settings is refused)."""
     _validate_search(target_metric, seeds)
     if not (isinstance(d0, int) and 1 <= d0 <= d_max):
         raise ValueError(f"d0 must be an int in [1, d_max={d_max}], got {d0!r}")
     if not ratio > 1:
         raise ValueError(f"ratio must be > 1, got {ratio!r}")
-    evaluate = _Evaluator(train_at, seeds, DimensionSearchLog(log_path), adjust)
+    evaluate = _Evaluator(train_at, seeds, DimensionSearchLog(log_path, fingerprint), adjust)
     low, high, d = 0, None, d0
     while d <= d_max:
         d, metric = evaluate(d)
@@ -253,12 +261,14 @@ def binary_search(
     seeds=(0,),
     log_path: str | None = None,
     adjust: Callable[[int], int] = lambda d: d,
+    fingerprint: dict | None = None,
 ) -> SearchResult:
-    """Plain bisection on integers: the smallest d in (lo, hi] with metric ≥ target, assuming hi reaches it."""
+    """Plain bisection on integers: the smallest d in (lo, hi] with metric ≥ target, assuming hi reaches it.
+    `fingerprint`: see `DimensionSearchLog`."""
     _validate_search(target_metric, seeds)
     if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo < hi):
         raise ValueError(f"need ints 0 <= lo < hi, got lo={lo!r}, hi={hi!r}")
-    evaluate = _Evaluator(train_at, seeds, DimensionSearchLog(log_path), adjust)
+    evaluate = _Evaluator(train_at, seeds, DimensionSearchLog(log_path, fingerprint), adjust)
     hi, metric = evaluate(hi)
     if metric < target_metric:
         return SearchResult(None, (lo, hi), target_metric, evaluate.points, evaluate.trained)
@@ -271,3 +281,275 @@ def binary_search(
         else:
             lo = middle
     return SearchResult(hi, (lo, hi), target_metric, evaluate.points, evaluate.trained)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's single-run search (Schioppa 2024, Sec. 4 and App. B.5 Listing 9)
+# ----------------------------------------------------------------------------------------------
+
+def coordinate_mask(d: jax.Array | int, size: int, dtype=jnp.float32) -> jax.Array:
+    """1 on coordinates 0…d−1 of a `size`-vector and 0 on d…size−1 (d may be traced)."""
+    return (jnp.arange(size) < d).astype(dtype)
+
+
+def masked_step_fn(
+    loss_fn: Callable[[PyTree, Any], jax.Array],
+    subspace: Subspace,
+    optimizer: optax.GradientTransformation,
+) -> Callable:
+    """A jitted step (z, opt_state, batch, d) -> (z, opt_state, loss) of the masked subspace training:
+
+        g = M_d ∇_z L(θ0 + √(D_max/D) Φᵀ z),   (u, s) = optimizer.update(g, s, z),   z ← z + M_d u,
+
+    with M_d = diag(1_{j<d}). Zeroing the gradient above d is the paper's rule (Listing 9); masking the
+    update as well keeps the frozen coordinates exactly unchanged for any optax optimiser (weight decay,
+    momentum). d is a traced argument, so doubling d never recompiles."""
+
+    @jax.jit
+    def step(z, opt_state, batch, d):
+        loss, grad = jax.value_and_grad(lambda w: loss_fn(subspace.params(w), batch))(z)
+        mask = coordinate_mask(d, z.shape[0], z.dtype)
+        updates, opt_state = optimizer.update(grad * mask, opt_state, z)
+        updates = jax.tree_util.tree_map(lambda u: u * mask.astype(u.dtype), updates)
+        return optax.apply_updates(z, updates), opt_state, loss
+
+    return step
+
+
+def next_dimension(d: int, metric: float, previous: float, target: float, delta: float, d_max: int) -> tuple[str, int]:
+    """One decision of Listing 9 after an interval of c steps: ("found", d) if metric ≥ target;
+    else if metric − previous < δ ("double", min(2d, d_max)), or ("exhausted", d) when d = d_max
+    already; else ("continue", d)."""
+    if metric >= target:
+        return "found", d
+    if metric - previous < delta:
+        if d >= d_max:
+            return "exhausted", d
+        return "double", min(2 * d, d_max)
+    return "continue", d
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleRunResult:
+    """Outcome of `single_run_search`.
+
+    d_star        D* (the d at which the target was first reached), None if it was not within the budget
+    status        "found" | "exhausted" (d = d_max stopped improving) | "budget" (max_steps reached)
+    target        τ90, the target metric
+    num_steps     optimiser steps of the whole search (including those done before a resume)
+    history       one record per evaluation: {"step", "d", "metric", "loss"} (step 0: θ0, loss None)
+    schedule      [(step, d)]: the step from which each d was trained
+    z             the final D_max-vector (coordinates ≥ the final d are exactly 0)
+    resumed_from  the step the run resumed from (0: it started fresh)
+    seconds       wall time of this call (not of earlier, interrupted calls)
+    seconds_per_step  median wall time per optimiser step in this call (first step, with compilation, excluded)
+    """
+
+    d_star: int | None
+    status: str
+    target: float
+    num_steps: int
+    history: list
+    schedule: list
+    z: jax.Array
+    resumed_from: int
+    seconds: float
+    seconds_per_step: float
+
+
+class _Checkpoint:
+    """One .npz file holding z, the optimiser-state leaves and a strict-JSON header (d, step, τ_old,
+    history, schedule, fingerprint), replaced atomically (`artifacts.atomic_write_npz`); read back with
+    allow_pickle=False. A checkpoint whose fingerprint differs raises FingerprintMismatchError."""
+
+    def __init__(self, path: str | None, fingerprint: dict):
+        self.path, self.fingerprint = path, artifacts.normalise(fingerprint)
+
+    def save(self, z, opt_state, header: dict) -> None:
+        if self.path is None:
+            return
+        leaves = jax.tree_util.tree_leaves(opt_state)
+        arrays = {"z": np.asarray(z)}
+        arrays.update({f"opt_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)})
+        header = dict(header, fingerprint=self.fingerprint, num_opt_leaves=len(leaves))
+        arrays["header"] = np.frombuffer(artifacts.dumps(header, indent=None).encode("utf-8"), np.uint8)
+        artifacts.atomic_write_npz(self.path, arrays)
+
+    def load(self, z_template, opt_template):
+        """(z, opt_state, header), or None when there is no checkpoint yet."""
+        if self.path is None or not os.path.exists(self.path):
+            return None
+        with np.load(self.path, allow_pickle=False) as data:
+            header = artifacts.loads(bytes(data["header"]).decode("utf-8"), what=f"checkpoint header of {self.path}")
+            artifacts.check_fields(self.path, header.get("fingerprint"), self.fingerprint,
+                                   what="single-run search checkpoint")
+            leaves, treedef = jax.tree_util.tree_flatten(opt_template)
+            restored = [np.asarray(data[f"opt_{i}"]) for i in range(header["num_opt_leaves"])]
+            if (data["z"].shape != z_template.shape or len(restored) != len(leaves)
+                    or any(r.shape != leaf.shape for r, leaf in zip(restored, leaves))):
+                raise ValueError(f"the checkpoint at {self.path} does not fit this optimiser's state "
+                                 "(another optimiser with the same fingerprint?); delete it to restart")
+            z = jnp.asarray(data["z"], z_template.dtype)
+            restored = [jnp.asarray(r, leaf.dtype) for r, leaf in zip(restored, leaves)]
+        return z, jax.tree_util.tree_unflatten(treedef, restored), header
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def single_run_search(
+    loss_fn: Callable[[PyTree, Any], jax.Array],
+    subspace: Subspace,
+    optimizer: optax.GradientTransformation,
+    batch_at: Callable[[int], Any],
+    metric_fn: Callable[[PyTree], float],
+    target_metric: float,
+    *,
+    d_min: int,
+    interval: int,
+    delta: float,
+    max_steps: int | None = None,
+    checkpoint_path: str | None = None,
+    checkpoint_every: int | None = None,
+    fingerprint: dict | None = None,
+    quiet: bool = True,
+) -> SingleRunResult:
+    """The paper's intrinsic-dimension search inside ONE training run (Schioppa 2024, Sec. 4 and
+    App. B.5 Listing 9), for any sketch.
+
+    One fixed D_max-dimensional subspace (`subspace`, D_max = subspace.dimension):
+
+        θ(z) = θ0 + √(D_max/D) Φᵀ z,   z ∈ R^{D_max},   z0 = 0,
+
+    trained with the gradient (and update) of coordinates d…D_max−1 zeroed (`masked_step_fn`):
+      1. d = d_min, τ_old = metric(θ0) (metrics are maximised: pass −loss for a loss);
+      2. train c = `interval` steps; τ_new = metric(θ(z));
+      3. τ_new ≥ τ90 (`target_metric`): return D* = d;
+      4. otherwise, if τ_new − τ_old < δ: d ← 2d (capped at D_max; stop if d was D_max already);
+      5. τ_old ← τ_new and go to 2.
+    Training continues across doublings with the same Φ and z: the trained coordinates keep their
+    values and the newly unmasked ones start at 0; only masking is involved, so no nested sketch is
+    needed. D* is within a factor 2 of the intrinsic dimension; `verification_run` trains at D*/2 to
+    check it stays below τ90. The columns of √(D_max/D) Φᵀ have unit norm on average, so a
+    coordinate's scale does not depend on D_max (SPEC §4.3 normalisation).
+
+    `batch_at(step)` must be deterministic in the step. With `checkpoint_path` the state (z, optimiser
+    state, d, τ_old, step, history) is written atomically to one .npz (no pickle) every
+    `checkpoint_every` steps (default: every interval); a rerun with the same `fingerprint` (a JSON-able
+    dict naming everything that determines the run: task, optimiser, learning rate, …; the search's own
+    arguments are added) resumes from it and reproduces the uninterrupted run; a checkpoint with another
+    fingerprint raises `artifacts.FingerprintMismatchError` naming the differing fields (never resumed).
+    `max_steps` bounds the total optimiser steps (status "budget" when reached without D*).
+    """
+    d_max = subspace.dimension
+    d_min = _check_positive_int("d_min", d_min)
+    if d_min > d_max:
+        raise ValueError(f"d_min must be <= the subspace dimension D_max={d_max}, got {d_min}")
+    interval = _check_positive_int("interval", interval)
+    if max_steps is not None:
+        max_steps = _check_positive_int("max_steps", max_steps)
+    checkpoint_every = interval if checkpoint_every is None else _check_positive_int("checkpoint_every", checkpoint_every)
+    if target_metric is None or not np.isfinite(target_metric):
+        raise ValueError(f"target_metric must be a finite number (τ90), got {target_metric!r}")
+    if delta is None or not np.isfinite(delta):
+        raise ValueError(f"delta must be a finite number (the minimal improvement per interval), got {delta!r}")
+    identity = {"search": "single_run", "sketch": subspace.sketch.name, "d_max": d_max, "d_min": d_min,
+                "num_params": int(subspace.state.layout.size), "interval": interval, "delta": float(delta),
+                "target": float(target_metric)}  # not max_steps: a larger budget continues a run
+    checkpoint = _Checkpoint(checkpoint_path, {**(fingerprint or {}), **identity})
+
+    step_fn = masked_step_fn(loss_fn, subspace, optimizer)
+    z = subspace.zeros()
+    opt_state = optimizer.init(z)
+    restored = checkpoint.load(z, opt_state)
+    if restored is None:
+        d, step, status = d_min, 0, None
+        previous = float(metric_fn(subspace.params(z)))
+        history = [{"step": 0, "d": d, "metric": previous, "loss": None}]
+        schedule = [(0, d)]
+    else:
+        z, opt_state, header = restored
+        d, step, previous, status = header["d"], header["step"], header["previous"], header["status"]
+        if status == "budget":
+            status = None  # re-checked against this call's max_steps
+        history, schedule = header["history"], [tuple(s) for s in header["schedule"]]
+    resumed_from = step
+
+    def header():
+        return {"d": d, "step": step, "previous": previous, "status": status, "history": history,
+                "schedule": [list(s) for s in schedule]}
+
+    start, times, losses = time.perf_counter(), [], []
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_steps, initial=step, desc=f"single-run search ({subspace.sketch.name})")
+    while status is None:
+        if max_steps is not None and step >= max_steps:
+            status = "budget"
+            break
+        t0 = time.perf_counter()
+        z, opt_state, loss = step_fn(z, opt_state, batch_at(step), jnp.asarray(d, jnp.int32))
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t0)
+        step += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(d=d)
+        if step % interval == 0:
+            metric = float(metric_fn(subspace.params(z)))
+            if not np.isfinite(metric):
+                raise FloatingPointError(f"the metric is {metric} at step {step} (d = {d}): training diverged; "
+                                         "lower the learning rate")
+            history.append({"step": step, "d": d, "metric": metric,
+                            "loss": float(np.mean(losses[-interval:])) if losses else None})
+            decision, new_d = next_dimension(d, metric, previous, target_metric, delta, d_max)
+            if decision in ("found", "exhausted"):
+                status = decision
+            elif decision == "double":
+                d = new_d
+                schedule.append((step, d))
+            previous = metric
+        if step % checkpoint_every == 0 or status is not None:
+            checkpoint.save(z, opt_state, header())
+    if bar is not None:
+        bar.close()
+    if status == "budget":
+        checkpoint.save(z, opt_state, header())
+    steady = times[1:] if len(times) > 1 else times
+    return SingleRunResult(
+        d_star=d if status == "found" else None, status=status, target=float(target_metric), num_steps=step,
+        history=history, schedule=schedule, z=z, resumed_from=resumed_from, seconds=time.perf_counter() - start,
+        seconds_per_step=float(np.median(steady)) if steady else float("nan"))
+
+
+def verification_run(
+    loss_fn: Callable[[PyTree, Any], jax.Array],
+    subspace: Subspace,
+    optimizer: optax.GradientTransformation,
+    batch_at: Callable[[int], Any],
+    metric_fn: Callable[[PyTree], float],
+    d: int,
+    num_steps: int,
+) -> SubspaceRun:
+    """The paper's check of D*: train from z = 0 in the same D_max-dimensional subspace with only the
+    first d = D*/2 coordinates trainable (fixed mask) for `num_steps` steps; D* is confirmed when the
+    returned metric stays below τ90 (Schioppa 2024, Sec. 4)."""
+    d = _check_positive_int("d", d)
+    num_steps = _check_positive_int("num_steps", num_steps)
+    if d > subspace.dimension:
+        raise ValueError(f"d must be <= the subspace dimension {subspace.dimension}, got {d}")
+    step_fn = masked_step_fn(loss_fn, subspace, optimizer)
+    z = subspace.zeros()
+    opt_state = optimizer.init(z)
+    times, loss = [], jnp.nan
+    for i in range(num_steps):
+        t0 = time.perf_counter()
+        z, opt_state, loss = step_fn(z, opt_state, batch_at(i), jnp.asarray(d, jnp.int32))
+        loss = jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    steady = times[1:] if len(times) > 1 else times
+    return SubspaceRun(z, float(metric_fn(subspace.params(z))), float(loss), float(np.median(steady)))
