@@ -35,14 +35,14 @@ largely cancels in the central difference). The relative residual ‖∇F(u_T)�
 ∇L(z_m)) is returned per solve as the convergence diagnostic.
 
 Resumability. With `store`, each training example's result is written atomically
-(`attribution.index.atomic_write_bytes`, `.npz` without pickle) as soon as its chunk finishes, under
-a manifest holding every setting and the caller's fingerprint; a rerun skips stored examples, and a
-rerun with other settings raises `PBRFStoreMismatchError` instead of mixing results.
+(`artifacts.atomic_write_npz`, no pickle) as soon as its chunk finishes, in a folder whose
+`fingerprint.json` (`artifacts.check_fingerprint`) holds every setting and the caller's fingerprint;
+a rerun skips stored examples, and a rerun with other settings raises `PBRFStoreMismatchError`
+(`artifacts.FingerprintMismatchError`, naming each differing field) instead of mixing results.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -52,14 +52,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from attribution.index import atomic_write_bytes
+import artifacts as A
 
 __all__ = ["OPTIMIZERS", "PBRFResult", "PBRFStoreMismatchError", "pbrf_objective", "pbrf_influence"]
 
 OPTIMIZERS = ("adam", "sgd", "lbfgs")
 FORMAT = "pbrf-store"
 VERSION = 1
-MANIFEST = "manifest.json"
 
 PyTree = Any
 OutputsFn = Callable[[PyTree, dict], jax.Array]      # (params, batch) -> outputs (B, ...)
@@ -67,8 +66,8 @@ OutputLoss = Callable[[jax.Array, dict], jax.Array]  # (outputs, batch) -> per-e
 Measurement = Callable[[PyTree], jax.Array]          # params -> (Q,) measurements
 
 
-class PBRFStoreMismatchError(ValueError):
-    """The store folder holds PBRF results computed with other settings or another model."""
+PBRFStoreMismatchError = A.FingerprintMismatchError
+"""The store folder holds PBRF results computed with other settings or another model (a ValueError)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,22 +154,9 @@ def _settings(epsilon, damping, num_steps, optimizer, learning_rate, momentum, b
 
 
 def _open_store(store: str, settings: dict) -> None:
+    """Creates the store's fingerprint or checks it (FingerprintMismatchError naming every differing field)."""
     os.makedirs(store, exist_ok=True)
-    file = os.path.join(store, MANIFEST)
-    manifest = {"format": FORMAT, "version": VERSION, "settings": settings}
-    if os.path.exists(file):
-        with open(file) as f:
-            old = json.load(f)
-        if old.get("format") != FORMAT or old.get("version") != VERSION:
-            raise PBRFStoreMismatchError(f"{file} is not a version-{VERSION} PBRF store (format={old.get('format')!r}, "
-                                         f"version={old.get('version')!r})")
-        if old["settings"] != settings:
-            diff = {k: (old["settings"].get(k), settings.get(k)) for k in sorted(set(old["settings"]) | set(settings))
-                    if old["settings"].get(k) != settings.get(k)}
-            raise PBRFStoreMismatchError(f"{store} holds PBRF results computed with other settings "
-                                         f"(stored, requested): {diff}; use another folder or delete it")
-        return
-    atomic_write_bytes(file, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    A.check_fingerprint(store, {"format": FORMAT, "version": VERSION, **settings}, what="PBRF store")
 
 
 def _example_file(store: str, index: int) -> str:
@@ -178,9 +164,7 @@ def _example_file(store: str, index: int) -> str:
 
 
 def _save_example(store: str, index: int, arrays: Mapping[str, np.ndarray]) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(_example_file(store, index), buffer.getvalue())
+    A.atomic_write_npz(_example_file(store, index), {k: np.asarray(v) for k, v in arrays.items()})
 
 
 def _load_example(store: str, index: int, num_queries: int) -> dict | None:
@@ -190,7 +174,7 @@ def _load_example(store: str, index: int, num_queries: int) -> dict | None:
     with np.load(file, allow_pickle=False) as data:
         out = {k: np.asarray(data[k]) for k in data.files}
     if out.get("scores", np.zeros(0)).shape != (num_queries,):
-        raise PBRFStoreMismatchError(f"{file} holds scores of shape {out.get('scores', np.zeros(0)).shape}, "
+        raise ValueError(f"{file} holds scores of shape {out.get('scores', np.zeros(0)).shape}, "
                                      f"expected ({num_queries},)")
     return out
 

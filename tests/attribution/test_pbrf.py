@@ -110,7 +110,7 @@ def test_pbrf_store_resumes_and_rejects_other_settings(tmp_path, x64):
     np.testing.assert_allclose(second.scores[:, 0], first.scores[:, 2])
     np.testing.assert_allclose(second.scores[:, 1], first.scores[:, 0] + 123.0)
     assert os.path.exists(os.path.join(store, "example_0000007.npz"))
-    assert json.load(open(os.path.join(store, "manifest.json")))["settings"]["fingerprint"] == {"model": "logreg"}
+    assert json.load(open(os.path.join(store, "fingerprint.json")))["fields"]["fingerprint"] == {"model": "logreg"}
     with pytest.raises(pbrf.PBRFStoreMismatchError, match="damping"):
         pbrf.pbrf_influence(outputs_fn, output_loss, params, train, measurement, [1], **{**kw, "damping": 0.2})
     with pytest.raises(pbrf.PBRFStoreMismatchError, match="fingerprint"):
