@@ -5,20 +5,30 @@ sketched scores are ŝ(z, x) = ⟨Φg_z, Φg_x⟩), written to a folder:
 
     PATH/manifest.json        format, meta (sketch, m, sketch_seed, checkpoint, ...), N, m, shard
                               size, storage dtype, example-id digest, completion flag, per-shard sha256
+    PATH/fingerprint.json     the fields that determine every shard's bytes (`artifacts` fingerprint)
     PATH/example_ids.npy      (N,) int64 or unicode, no pickle
     PATH/shards/00000.npy     rows [0, S): float32 (or reduced-precision storage: bfloat16 bits as
                               uint16, or float16 rows with a per-row power-of-two float32 scale)
     PATH/shards/00001.npy     rows [S, 2S), ...
+    PATH/shard_checksums/     while a build is in progress: per shard {sha256, fingerprint}
 
-Every file is written atomically (a temporary `.tmp-*` file in the same folder, fsync, `os.replace`),
-so a shard is either absent or whole. `build_index` takes an exclusive `flock` on `PATH/.lock` (the
-kernel drops it when the process dies, also under SIGKILL), removes `.tmp-*` leftovers of a killed
-build, and computes only the shards that are missing: a rerun after `kill -9` ends with the same bytes
-as an uninterrupted build, provided `features_fn` is deterministic (a jitted JAX function on the same
-backend and batch shape is). The manifest stores `meta`; a rerun with other meta (another sketch, m,
-seed or checkpoint hash), another N, shard size, storage dtype or other example ids raises
-`IndexMismatchError` naming every differing field, so vectors from different sketches are never
-mixed in one index (SPEC §7.6: record what is needed to regenerate the sketch with each store).
+Every file is written atomically (`artifacts.atomic_write_bytes`: a temporary `.tmp-*` file in the
+same folder, fsync, `os.replace`), so a shard is either absent or whole. `build_index` takes an
+exclusive `flock` on `PATH/.lock` (the kernel drops it when the process dies, also under SIGKILL),
+removes `.tmp-*` leftovers of a killed build, and computes only the shards that are missing or
+untrustworthy: a rerun after `kill -9` ends with the same bytes as an uninterrupted build, provided
+`features_fn` is deterministic (a jitted JAX function on the same backend and batch shape is).
+
+Fingerprints and checksums. The manifest and `fingerprint.json` store `meta`; a rerun with other
+meta (another sketch, m, seed or checkpoint hash), another N, shard size, storage dtype or other
+example ids raises `IndexMismatchError` naming every differing field (also when the manifest was
+deleted and only `fingerprint.json` remains), so vectors from different sketches or checkpoints are
+never mixed in one index (SPEC §7.6: record what is needed to regenerate the sketch with each store).
+Each shard's sha256 is recorded before the shard is written; a rerun reuses a shard only if its bytes
+match that checksum, and names (IndexRepairWarning) and recomputes an empty, corrupt or
+unaccounted-for one. Reads verify too: `GradientIndex` checks each shard's sha256 (and the example
+ids') once, on its first read, and raises `CorruptArtifactError` naming the file; paths in the
+manifest are confined to the index folder.
 
 Several processes (`attribution.distributed.build_index_distributed`, issue 9) each build an index
 of a contiguous range of shards in PATH/process-PPPP-of-QQQQ/, and process 0 writes one merged
@@ -29,34 +39,34 @@ Retrieval (`top_k`) streams the index block by block and keeps, per query, the k
 pairs seen so far, so memory is O(Q·(k + block)) plus one block of features; it never loads the whole
 index (ATTRIBUTION.md §5: "block every n×m product; stream training gradients; … memory-map stores").
 Ties are broken by the lower row index, which makes the result equal to a stable brute-force sort.
+Products are taken over fixed-shape tiles aligned to global rows, so scores are bit-identical for
+any block size, shard size or number of building processes.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import glob
 import hashlib
-import json
+import io
 import os
-import tempfile
+import shutil
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-try:  # POSIX advisory locks; released by the kernel when the holder dies (even with SIGKILL).
-    import fcntl
-except ImportError:  # pragma: no cover - non-POSIX
-    fcntl = None
-
+import artifacts
+from artifacts import CorruptArtifactError, atomic_write_bytes, atomic_write_npy, confined_path, file_sha256
+from artifacts.atomic import npy_bytes as _npy_bytes
 from sketching.base import Sketch, SketchState
 from sketching.gradients import MODES, sketch_per_example_gradients
 
 __all__ = [
-    "FORMAT", "VERSION", "STORAGE_DTYPES", "SCORES", "REQUIRED_META",
-    "params_hash", "IndexMismatchError", "IndexIncompleteError", "GradientIndex",
-    "build_index", "sketched_features_fn", "top_k",
+    "FORMAT", "VERSION", "STORAGE_DTYPES", "SCORES", "REQUIRED_META", "SCORE_TILE",
+    "params_hash", "IndexMismatchError", "IndexIncompleteError", "IndexRepairWarning", "CorruptArtifactError",
+    "GradientIndex", "build_index", "sketched_features_fn", "top_k",
 ]
 
 FORMAT = "gradsketch.gradient_index"
@@ -64,13 +74,16 @@ VERSION = 1
 MANIFEST = "manifest.json"
 EXAMPLE_IDS = "example_ids.npy"
 SHARDS_DIR = "shards"
+PENDING_DIR = "shard_checksums"  # per-shard checksums of a build in progress (removed once complete)
 LOCK = ".lock"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = artifacts.TMP_PREFIX
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 SCORES = ("dot", "cosine")
 REQUIRED_META = ("sketch", "m", "checkpoint")
 TIMESTAMP_FIELDS = ("created_utc", "completed_utc")
+FINGERPRINT_FIELDS = ("format", "version", "meta", "num_examples", "dim", "shard_size", "dtype", "example_ids_sha256")
 DEFAULT_ARRAY_BLOCK = 4096
+SCORE_TILE = 256  # rows per matrix product in top_k, aligned to global row multiples (bit-identical blocking)
 
 PyTree = Any
 FeaturesFn = Callable[[np.ndarray], np.ndarray]
@@ -99,21 +112,19 @@ class IndexIncompleteError(ValueError):
     """`GradientIndex.open` on a folder whose build has not finished (or lost shards)."""
 
 
+class IndexRepairWarning(UserWarning):
+    """`build_index` found a shard it cannot trust (empty, corrupt, or without a recorded checksum) and
+    recomputes it; the message names the file and the reason."""
+
+
 def params_hash(params: PyTree) -> str:
     """The checkpoint id: sha256 (hex) over every leaf's path (`jax.tree_util.keystr`), dtype, shape
-    and row-major bytes, in `jax.tree_util` order. Equal parameters give equal hashes in any process;
-    any change of a value, dtype, shape or parameter name changes it."""
-    digest = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    if not leaves:
-        raise ValueError("params_hash: params has no array leaves")
-    for path, leaf in leaves:
-        array = np.ascontiguousarray(np.asarray(leaf))
-        header = f"{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}\n".encode()
-        digest.update(len(header).to_bytes(8, "little"))
-        digest.update(header)
-        digest.update(array.tobytes())
-    return digest.hexdigest()
+    and row-major bytes, in `jax.tree_util` order (`artifacts.tree_digest`). Equal parameters give
+    equal hashes in any process; any change of a value, dtype, shape or parameter name changes it."""
+    try:
+        return artifacts.tree_digest(params)
+    except ValueError:
+        raise ValueError("params_hash: params has no array leaves") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,84 +135,72 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes through `.tmp-*` in the same folder, fsync, then `os.replace` (atomic on POSIX)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def atomic_write_npy(path: str, array: np.ndarray) -> None:
-    """`np.save(path, array, allow_pickle=False)` through `atomic_write_bytes`."""
-    atomic_write_bytes(path, _npy_bytes(array))
-
-
 def _read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    """The exact bytes `np.save` writes (deterministic: header + row-major data)."""
-    import io
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from an open `.npy` file object positioned at its start."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}")
 
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
+
+def _npy_from_bytes(data: bytes) -> np.ndarray:
+    """The array of a `.npy` file's bytes, read-only, without copying the data (no pickle)."""
+    buffer = io.BytesIO(data)
+    shape, fortran, dtype = _read_npy_header(buffer)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed (they would need pickle)")
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=buffer.tell())
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
+def _npy_header(file: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, expected file size) from a `.npy` header; ValueError if it cannot be read."""
+    with open(file, "rb") as f:
+        shape, _, dtype = _read_npy_header(f)
+        offset = f.tell()
+    return shape, dtype, offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
 def _json_normalise(value: Any, field: str) -> Any:
     """`value` as it reads back from JSON (tuples become lists, numpy scalars plain numbers)."""
-    def default(obj):
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-        raise TypeError(f"{type(obj).__name__}")
-
     try:
-        return json.loads(json.dumps(value, sort_keys=True, default=default))
+        return artifacts.loads(artifacts.dumps(value, nonfinite="error", what=field))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{field} must be JSON-serialisable (str, int, float, bool, None, lists, dicts): {error}")
+        raise ValueError(f"{field} must be JSON-serialisable (str, int, float, bool, None, lists, dicts; "
+                         f"finite numbers): {error}") from None
 
 
 def _read_manifest(path: str) -> dict | None:
     file = os.path.join(path, MANIFEST)
     if not os.path.exists(file):
         return None
-    with open(file) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{file} is not a gradient index manifest (format={manifest.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+    manifest = artifacts.read_json(file)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{file} is not a gradient index manifest (format={got!r}, expected {FORMAT!r})")
     if manifest.get("version") != VERSION:
         raise ValueError(f"{file} has version {manifest.get('version')!r}; this code reads version {VERSION}")
     return manifest
 
 
 def _write_manifest(path: str, manifest: dict) -> None:
-    atomic_write_bytes(os.path.join(path, MANIFEST),
-                        (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    artifacts.atomic_write_json(os.path.join(path, MANIFEST), manifest, nonfinite="error")
 
 
 def _shard_name(i: int) -> str:
     return f"{SHARDS_DIR}/{i:05d}.npy"
+
+
+def _pending_file(path: str, i: int) -> str:
+    return os.path.join(path, PENDING_DIR, f"{i:05d}.json")
 
 
 def _shard_ranges(num_examples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -252,32 +251,30 @@ def _decode(stored: np.ndarray, dtype: str) -> np.ndarray:
     return np.array(stored, dtype=np.float32, copy=True)
 
 
-@contextlib.contextmanager
+def _encode_checked(features: np.ndarray, dtype: str, start: int) -> np.ndarray:
+    """`_encode`, refusing values the storage dtype cannot hold (e.g. |x| above bfloat16's largest
+    finite value 3.39e38 would be stored as inf): ValueError naming the first such example."""
+    encoded = _encode(features, dtype)
+    if dtype != "float32":
+        bad = ~np.all(np.isfinite(_decode(encoded, dtype)), axis=1)
+        if bad.any():
+            row = int(np.nonzero(bad)[0][0])
+            peak = float(np.max(np.abs(np.asarray(features, np.float64)[row])))
+            raise ValueError(f"features of example {start + row} (max |x| = {peak:.4g}) exceed the range of "
+                             f"{dtype} storage and would be stored as inf; use dtype='float32'. Nothing was "
+                             "written for that shard")
+    return encoded
+
+
 def _build_lock(path: str):
-    """Exclusive, non-blocking `flock` on PATH/.lock for the duration of a build."""
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another process is building the index at {path} (it holds {LOCK}); "
-                               "wait for it to finish or end it, then rerun") from None
-        yield
-    finally:
-        os.close(fd)
+    """Exclusive, non-blocking `flock` on PATH/.lock for the duration of a build (`artifacts.LockedError`,
+    a RuntimeError, when another live process holds it)."""
+    return artifacts.exclusive_lock(os.path.join(path, LOCK), what=f"building the index at {path}")
 
 
 def _remove_temporaries(path: str) -> list[str]:
     """Deletes the `.tmp-*` files a killed build left behind (safe: we hold the build lock)."""
-    removed = []
-    for folder in (path, os.path.join(path, SHARDS_DIR)):
-        for tmp in glob.glob(os.path.join(folder, TMP_PREFIX + "*")):
-            os.remove(tmp)
-            removed.append(tmp)
-    return removed
+    return artifacts.remove_temporaries(path, os.path.join(path, SHARDS_DIR), os.path.join(path, PENDING_DIR))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,9 +312,15 @@ class GradientIndex:
     `shard_size`, `num_shards`, `dtype` (storage dtype name), `example_ids` ((N,) array, loaded on
     first access), `manifest` (the full manifest dict). Rows come back as float32 whatever the
     storage dtype.
+
+    Checksums: with `verify_checksums=True` (the default) every shard's sha256 is compared with the
+    manifest the first time this object reads it (`iter_blocks`, `load`, `top_k`), and
+    `example_ids.npy` on first access; a mismatch raises `CorruptArtifactError` naming the file. A shard
+    read once is trusted for the rest of this object's life (memory-mapped afterwards). `verify()`
+    rechecks everything.
     """
 
-    def __init__(self, path: str, manifest: dict):
+    def __init__(self, path: str, manifest: dict, *, verify_checksums: bool = True, _verified: Sequence[int] = ()):
         self.path = os.path.abspath(path)
         self.manifest = manifest
         self.meta: dict = manifest["meta"]
@@ -327,27 +330,38 @@ class GradientIndex:
         self.dtype: str = manifest["dtype"]
         self.shards: list[dict] = manifest["shards"]
         self.num_shards = len(self.shards)
+        # Every path read from the manifest must stay inside the index folder.
+        self._files = [confined_path(self.path, s["file"], what=f"shard path in {MANIFEST}") for s in self.shards]
+        self.verify_checksums = bool(verify_checksums)
+        self._verified: set[int] = set(_verified)
         self._example_ids: np.ndarray | None = None
         self.shards_loaded = 0  # how many shard files iter_blocks has opened (for memory accounting)
 
     @classmethod
-    def open(cls, path: str) -> "GradientIndex":
+    def open(cls, path: str, *, verify_checksums: bool = True) -> "GradientIndex":
         """Opens a complete index; FileNotFoundError if there is none at `path`, IndexIncompleteError
-        if its build has not finished or a shard file is missing."""
+        if its build has not finished or a shard file is missing, CorruptArtifactError for an empty
+        shard file, UnsafePathError for a manifest path leaving the folder. Shard checksums are
+        verified lazily, once per shard, on first read (class docstring)."""
         manifest = _read_manifest(path)
         if manifest is None:
             raise FileNotFoundError(f"no gradient index at {path} ({MANIFEST} is missing); build it with build_index")
         if not manifest.get("complete"):
-            done = len(glob.glob(os.path.join(path, SHARDS_DIR, "[0-9]*.npy")))
+            done = len(glob.glob(os.path.join(glob.escape(path), SHARDS_DIR, "[0-9]*.npy")))
             raise IndexIncompleteError(
                 f"the index at {path} is incomplete ({done} of {manifest['num_shards']} shards written); "
                 "rerun build_index with the same arguments to resume it"
             )
-        missing = [s["file"] for s in manifest["shards"] if not os.path.exists(os.path.join(path, s["file"]))]
+        index = cls(path, manifest, verify_checksums=verify_checksums)
+        missing = [s["file"] for s, f in zip(index.shards, index._files) if not os.path.exists(f)]
         if missing:
             raise IndexIncompleteError(f"the index at {path} lacks shard files {missing[:5]}"
                                        f"{' ...' if len(missing) > 5 else ''}; rerun build_index to rewrite them")
-        return cls(path, manifest)
+        for file in index._files:
+            if os.path.getsize(file) == 0:
+                raise CorruptArtifactError(file, f"shard {file} of the index at {index.path} is empty (0 bytes); "
+                                                 "rerun build_index with the same arguments to recompute it")
+        return index
 
     def __len__(self) -> int:
         return self.num_examples
@@ -356,34 +370,58 @@ class GradientIndex:
         return (f"GradientIndex({self.path!r}, N={self.num_examples}, m={self.dim}, shards={self.num_shards}, "
                 f"dtype={self.dtype}, sketch={self.meta.get('sketch')!r})")
 
+    def _corrupt(self, file: str, actual: str, expected: str) -> CorruptArtifactError:
+        what = "empty (0 bytes)" if actual == hashlib.sha256(b"").hexdigest() else \
+            f"corrupt (sha256 {actual} differs from {expected} in {MANIFEST})"
+        return CorruptArtifactError(file, f"{os.path.relpath(file, self.path)} of the index at {self.path} is "
+                                          f"{what}; rerun build_index with the same arguments to recompute it")
+
     @property
     def example_ids(self) -> np.ndarray:
         if self._example_ids is None:
-            self._example_ids = np.load(os.path.join(self.path, EXAMPLE_IDS), allow_pickle=False)
+            file = confined_path(self.path, self.manifest.get("example_ids_file", EXAMPLE_IDS),
+                                 what=f"example ids path in {MANIFEST}")
+            data = _read_bytes(file)
+            actual = hashlib.sha256(data).hexdigest()
+            if self.verify_checksums and actual != self.manifest["example_ids_sha256"]:
+                raise self._corrupt(file, actual, self.manifest["example_ids_sha256"])
+            ids = _npy_from_bytes(data)
+            if ids.shape != (self.num_examples,):
+                raise CorruptArtifactError(file, f"{file} holds {ids.shape} ids, expected ({self.num_examples},)")
+            self._example_ids = ids
         return self._example_ids
 
     @property
     def nbytes(self) -> int:
         """Bytes of all shard files on disk (the index size)."""
-        return sum(os.path.getsize(os.path.join(self.path, s["file"])) for s in self.shards)
+        return sum(os.path.getsize(f) for f in self._files)
 
     def _load_shard(self, i: int) -> np.ndarray:
-        """Shard i memory-mapped read-only (no copy until rows are sliced out)."""
+        """Shard i, read-only: on its first read (with checksums on) the file is read once, its sha256
+        compared with the manifest and the array parsed from those bytes; afterwards memory-mapped."""
         self.shards_loaded += 1
-        shard = self.shards[i]
-        array = np.load(os.path.join(self.path, shard["file"]), mmap_mode="r", allow_pickle=False)
+        shard, file = self.shards[i], self._files[i]
+        if self.verify_checksums and i not in self._verified:
+            data = _read_bytes(file)
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != shard["sha256"]:
+                raise self._corrupt(file, actual, shard["sha256"])
+            array = _npy_from_bytes(data)
+            self._verified.add(i)
+        else:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
         shape, dtype = _shard_layout(self.dtype, shard["stop"] - shard["start"], self.dim)
         if array.shape != shape or array.dtype != dtype:
-            raise ValueError(f"shard {shard['file']} of {self.path} has shape {array.shape} dtype {array.dtype}, "
-                             f"expected {shape} {dtype}")
+            raise CorruptArtifactError(file, f"shard {shard['file']} of {self.path} has shape {array.shape} dtype "
+                                             f"{array.dtype}, expected {shape} {dtype}")
         return array
 
     def iter_blocks(self, block_size: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yields (start, rows) with rows a float32 (b, m) copy of rows [start, start + b), in order.
 
         block_size=None yields one block per shard; otherwise blocks of `block_size` rows (the last
-        may be shorter), assembled across shard boundaries. At most one shard is memory-mapped at a
-        time, and only the rows of the current block are copied into memory.
+        may be shorter), assembled across shard boundaries. At most one shard is held at a time, and
+        only the rows of the current block are copied into memory.
         """
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
                                        or block_size < 1):
@@ -423,12 +461,17 @@ class GradientIndex:
         return out
 
     def verify(self) -> None:
-        """Recomputes every shard's sha256 and compares it with the manifest; ValueError on a mismatch."""
-        for shard in self.shards:
-            digest = hashlib.sha256(_read_bytes(os.path.join(self.path, shard["file"]))).hexdigest()
-            if digest != shard["sha256"]:
-                raise ValueError(f"shard {shard['file']} of {self.path} is corrupt: sha256 {digest} != "
-                                 f"{shard['sha256']} in the manifest")
+        """Recomputes the sha256 of every shard and of example_ids.npy and compares them with the
+        manifest; CorruptArtifactError (a ValueError) naming the first file that differs."""
+        for i, (shard, file) in enumerate(zip(self.shards, self._files)):
+            actual = file_sha256(file)
+            if actual != shard["sha256"]:
+                self._verified.discard(i)
+                raise self._corrupt(file, actual, shard["sha256"])
+        file = confined_path(self.path, self.manifest.get("example_ids_file", EXAMPLE_IDS))
+        actual = file_sha256(file)
+        if actual != self.manifest["example_ids_sha256"]:
+            raise self._corrupt(file, actual, self.manifest["example_ids_sha256"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,15 +513,54 @@ def _mismatches(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return fields
 
 
-def _existing_shard_ok(file: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
-    """True when `file` is a readable .npy of the expected shape and dtype (its header is checked)."""
-    if not os.path.exists(file):
-        return False
+def _fingerprint_fields(wanted: dict) -> dict:
+    """What determines every shard's bytes: the index fingerprint (`artifacts`), stored beside the
+    manifest in PATH/fingerprint.json and, per shard, in the checksums of a build in progress."""
+    return {k: wanted[k] for k in FINGERPRINT_FIELDS}
+
+
+def _trusted_sha256(path: str, i: int, manifest: dict | None, fingerprint: str) -> tuple[str | None, str]:
+    """(the sha256 recorded for shard i, or None, and why none): from a complete manifest, else from
+    the shard's pending checksum file written by this build's fingerprint."""
+    if manifest is not None and manifest.get("complete"):
+        for shard in manifest.get("shards", []):
+            if shard.get("file") == _shard_name(i):
+                return shard.get("sha256"), ""
+    pending = _pending_file(path, i)
+    if not os.path.exists(pending):
+        return None, "no recorded checksum (the manifest or checksum file is gone), so not trusted"
     try:
-        array = np.load(file, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError):
-        return False
-    return array.shape == shape and array.dtype == dtype
+        record = artifacts.read_json(pending)
+    except ValueError:
+        return None, f"unreadable checksum file {pending}"
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return None, "written by a build with other settings (its checksum has another fingerprint)"
+    return record.get("sha256"), ""
+
+
+def _shard_problem(path: str, i: int, rows: int, m: int, dtype: str, manifest: dict | None,
+                   fingerprint: str) -> str | None:
+    """None when shard i can be reused as is; "" when it is simply absent; else why it must be
+    recomputed (empty, corrupt, unreadable header, other shape, no trusted checksum)."""
+    file = os.path.join(path, _shard_name(i))
+    if not os.path.exists(file):
+        return ""
+    if os.path.getsize(file) == 0:
+        return "empty (0 bytes)"
+    expected, why = _trusted_sha256(path, i, manifest, fingerprint)
+    if expected is None:
+        return why
+    actual = file_sha256(file)
+    if actual != expected:
+        return f"corrupt (sha256 {actual[:12]}... differs from the recorded {str(expected)[:12]}...)"
+    try:
+        shape, stored_dtype, size = _npy_header(file)
+    except (ValueError, OSError, EOFError) as error:
+        return f"not a readable .npy file ({error})"
+    want_shape, want_dtype = _shard_layout(dtype, rows, m)
+    if shape != want_shape or stored_dtype != want_dtype or size != os.path.getsize(file):
+        return f"of shape {shape} dtype {stored_dtype}, not {want_shape} {want_dtype}"
+    return None
 
 
 def _wanted_manifest(num_examples, meta, shard_size, dtype, example_ids) -> tuple[dict, bytes]:
@@ -512,22 +594,33 @@ def build_index(
     Φ ∇θ ℓ(z_i, θ). It is called once per missing shard with indices = arange(start, stop).
     meta: {"sketch": name or "none", "m": int, "checkpoint": params_hash(params), "sketch_seed": int,
     ...any JSON}. dtype: storage dtype, one of STORAGE_DTYPES (float16 / bfloat16 halve the size,
-    see `_shard_layout`; rows are read back as float32). example_ids: (N,) unique ints or strings,
-    default arange(N).
+    see `_shard_layout`; rows are read back as float32; values the dtype cannot hold are refused).
+    example_ids: (N,) unique ints or strings, default arange(N).
 
     An existing complete index with the same settings is reopened without recomputing; an
     interrupted one is resumed (only missing shards are computed); one with other settings raises
-    IndexMismatchError. Non-finite features raise ValueError (nothing is written for that shard).
+    IndexMismatchError, also when only its `fingerprint.json` survives (a deleted manifest). Before a
+    shard on disk is reused its sha256 is checked against the checksum recorded when it was written
+    (in the manifest, or in PATH/shard_checksums/ while the build is in progress): an empty, corrupt
+    or unaccounted-for shard is named in an IndexRepairWarning and recomputed. Non-finite features
+    raise ValueError (nothing is written for that shard).
     """
     from tqdm.auto import tqdm
 
     wanted, ids_bytes = _wanted_manifest(num_examples, meta, shard_size, dtype, example_ids)
     num_examples, shard_size, meta, m = wanted["num_examples"], wanted["shard_size"], wanted["meta"], wanted["dim"]
     ranges = _shard_ranges(num_examples, shard_size)
+    fields = _fingerprint_fields(wanted)
+    fingerprint = artifacts.digest(fields)
     os.makedirs(os.path.join(path, SHARDS_DIR), exist_ok=True)
     with _build_lock(path):
         _remove_temporaries(path)
-        manifest = _read_manifest(path)
+        try:
+            manifest = _read_manifest(path)
+        except artifacts.CorruptJSONError as error:  # e.g. emptied by a disk problem: rebuild it
+            warnings.warn(f"gradient index {os.path.abspath(path)}: {error}; rewriting it (only shards whose "
+                          "checksums are still recorded are kept)", IndexRepairWarning, stacklevel=2)
+            manifest = None
         if manifest is not None:
             diff = _mismatches(manifest, wanted)
             if diff:
@@ -535,17 +628,43 @@ def build_index(
             created = manifest.get("created_utc")
         else:
             created = _now()
+        try:  # what made the shards on disk, even when the manifest was deleted
+            artifacts.check_fingerprint(path, fields, what="gradient index")
+        except artifacts.FingerprintMismatchError as error:
+            raise IndexMismatchError(os.path.abspath(path), error.fields) from None
         ids_file = os.path.join(path, EXAMPLE_IDS)
         if not (os.path.exists(ids_file) and _read_bytes(ids_file) == ids_bytes):
             atomic_write_bytes(ids_file, ids_bytes)
         if manifest is None:
             _write_manifest(path, {**wanted, "complete": False, "shards": [], "created_utc": created})
 
-        todo = [i for i, (start, stop) in enumerate(ranges)
-                if not _existing_shard_ok(os.path.join(path, _shard_name(i)), *_shard_layout(dtype, stop - start, m))]
+        todo, bad = [], {}
+        for i, (start, stop) in enumerate(ranges):
+            problem = _shard_problem(path, i, stop - start, m, dtype, manifest, fingerprint)
+            if problem is None:
+                continue
+            if problem:
+                bad.setdefault(problem, []).append(_shard_name(i))
+                os.remove(os.path.join(path, _shard_name(i)))
+            todo.append(i)
+        if bad:
+            listed = "; ".join(f"{', '.join(files[:8])}{f' and {len(files) - 8} more' if len(files) > 8 else ''}: "
+                               f"{problem}" for problem, files in bad.items())
+            warnings.warn(f"gradient index {os.path.abspath(path)}: recomputing {sum(map(len, bad.values()))} "
+                          f"shard(s) that cannot be reused: {listed}", IndexRepairWarning, stacklevel=2)
         complete = manifest is not None and manifest.get("complete") and not todo
         if complete:
-            return GradientIndex(path, manifest)
+            shutil.rmtree(os.path.join(path, PENDING_DIR), ignore_errors=True)
+            return GradientIndex(path, manifest, _verified=range(len(ranges)))
+        if manifest is not None and manifest.get("complete"):
+            # Record the still-good shards' checksums as pending, so that a build killed while
+            # repairing keeps them, then mark the index incomplete until the repair is done.
+            for shard in manifest["shards"]:
+                i = int(shard["file"][len(SHARDS_DIR) + 1:-4])
+                if i not in todo:
+                    artifacts.atomic_write_json(_pending_file(path, i), {"sha256": shard["sha256"],
+                                                                         "fingerprint": fingerprint})
+            _write_manifest(path, {**wanted, "complete": False, "shards": [], "created_utc": created})
         bar = tqdm(todo, desc=f"index {os.path.basename(os.path.abspath(path))}", unit="shard", disable=not progress)
         for i in bar:
             start, stop = ranges[i]
@@ -557,14 +676,24 @@ def build_index(
                 bad = start + int(np.nonzero(~np.all(np.isfinite(features), axis=1))[0][0])
                 raise ValueError(f"features_fn returned non-finite values (first at example {bad}); "
                                  "nothing was written for that shard")
-            atomic_write_npy(os.path.join(path, _shard_name(i)), _encode(features, dtype))
+            data = _npy_bytes(_encode_checked(features, dtype, start))
+            # The checksum first, then the shard: a whole shard on disk always has its checksum.
+            artifacts.atomic_write_json(_pending_file(path, i), {"sha256": hashlib.sha256(data).hexdigest(),
+                                                                 "fingerprint": fingerprint})
+            atomic_write_bytes(os.path.join(path, _shard_name(i)), data)
         shards = []
         for i, (start, stop) in enumerate(ranges):
-            digest = hashlib.sha256(_read_bytes(os.path.join(path, _shard_name(i)))).hexdigest()
+            digest = file_sha256(os.path.join(path, _shard_name(i)))
+            expected, _ = _trusted_sha256(path, i, None, fingerprint)
+            if digest != expected:
+                raise CorruptArtifactError(os.path.join(path, _shard_name(i)),
+                                           f"shard {_shard_name(i)} of {os.path.abspath(path)} changed while the "
+                                           "index was being built; rerun build_index to recompute it")
             shards.append({"file": _shard_name(i), "start": start, "stop": stop, "sha256": digest})
         final = {**wanted, "complete": True, "shards": shards, "created_utc": created, "completed_utc": _now()}
         _write_manifest(path, final)
-    return GradientIndex(path, final)
+        shutil.rmtree(os.path.join(path, PENDING_DIR), ignore_errors=True)
+    return GradientIndex(path, final, _verified=range(len(ranges)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,6 +765,38 @@ def _array_blocks(array: np.ndarray, block_size: int | None) -> Iterator[tuple[i
         yield start, np.asarray(array[start:start + step])
 
 
+def _aligned_tiles(blocks: Iterator[tuple[int, np.ndarray]], tile: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Re-cuts a stream of consecutive row blocks (any sizes) into tiles of `tile` rows that start at
+    multiples of `tile` (the last may be shorter): the tiles are the same whatever the blocking."""
+    pending: list[np.ndarray] = []
+    count, tile_start = 0, 0
+    for _, rows in blocks:
+        offset = 0
+        while offset < rows.shape[0]:
+            take = min(tile - count, rows.shape[0] - offset)
+            pending.append(rows[offset:offset + take])
+            offset += take
+            count += take
+            if count == tile:
+                yield tile_start, pending[0] if len(pending) == 1 else np.concatenate(pending)
+                pending, count = [], 0
+                tile_start += tile
+    if pending:
+        yield tile_start, np.concatenate(pending)
+
+
+def _tile_products(q: np.ndarray, rows: np.ndarray, tile: int) -> np.ndarray:
+    """q @ rowsᵀ computed as one (Q, m) × (m, tile) product (rows zero-padded to `tile`): every
+    product call has the same shapes, so entry (i, j) is the same float whatever the blocking of
+    the stream (a fixed-order reduction over m for each (query, row) pair)."""
+    b = rows.shape[0]
+    if b < tile:
+        padded = np.zeros((tile, rows.shape[1]), rows.dtype)
+        padded[:b] = rows
+        rows = padded
+    return (q @ rows.T)[:, :b]
+
+
 def _block_candidates(scores: np.ndarray, start: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the min(k, b) columns of a (Q, b) score block that come first in the order
     (−score, column), as (scores, row indices start + column). O(Q·b) (a partition) instead of a
@@ -678,10 +839,17 @@ def top_k(
     form ⟨Pq, t⟩ with the queries preconditioned once by P before calling top_k).
 
     Streams the index (GradientIndex.iter_blocks, default one shard per block) or an (N, m) array
-    (or np.memmap; default blocks of 4096 rows); memory is O(Q·(k + block) + block·m). Scores are
-    computed and returned in float32 for a GradientIndex (whatever its storage dtype), and in
-    result_type(float32, array dtype) for arrays (a callable's output is cast to that dtype).
-    `indices` are row positions; map them to ids with `index.example_ids[indices]`.
+    (or np.memmap; default blocks of 4096 rows); memory is O(Q·(k + block + SCORE_TILE) + (block +
+    SCORE_TILE)·m). Scores are computed and returned in float32 for a GradientIndex (whatever its
+    storage dtype), and in result_type(float32, array dtype) for arrays (a callable's output is cast
+    to that dtype). `indices` are row positions; map them to ids with `index.example_ids[indices]`.
+
+    Determinism: the stream is re-cut into tiles of SCORE_TILE rows aligned to global row multiples,
+    and "dot"/"cosine" compute every tile with one product of fixed shape, so for given queries the
+    result is bit-identical for every `block_size`, shard size and process layout (one index, a
+    merged distributed index, or the array of its rows); a callable gets the same aligned tiles.
+    Non-finite queries or training rows raise ValueError naming the first one (they would otherwise
+    score NaN, or 0 under cosine's zero-norm rule).
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
@@ -712,23 +880,30 @@ def top_k(
     q = np.asarray(queries)
     if q.ndim != 2 or q.shape[1] != dim:
         raise ValueError(f"queries must have shape (Q, {dim}) (m of the index), got {q.shape}")
-    q = q.astype(compute_dtype)
+    q = np.ascontiguousarray(q.astype(compute_dtype))
+    finite = np.all(np.isfinite(q), axis=1)
+    if not finite.all():
+        raise ValueError(f"queries hold non-finite values (first in query row {int(np.nonzero(~finite)[0][0])}); "
+                         "their scores would be meaningless")
     num_q = q.shape[0]
     if score == "cosine":
         q_norm = np.linalg.norm(q, axis=1)[:, None]
 
     best_s = np.empty((num_q, 0), q.dtype)
     best_i = np.empty((num_q, 0), np.int64)
-    for start, rows in blocks:
+    for start, rows in _aligned_tiles(blocks, SCORE_TILE):
         rows = rows.astype(q.dtype, copy=False)
+        finite = np.all(np.isfinite(rows), axis=1)
+        if not finite.all():
+            raise ValueError(f"training row {start + int(np.nonzero(~finite)[0][0])} holds non-finite values")
         if score == "dot":
-            s = q @ rows.T
+            s = _tile_products(q, rows, SCORE_TILE)
         elif score == "cosine":
-            # ⟨q, t⟩ / (‖q‖‖t‖): only the matmul depends on the blocking, so rows whose inner
-            # products are exactly equal (e.g. duplicates) tie exactly in every block layout.
+            # ⟨q, t⟩ / (‖q‖‖t‖): norms are per row, products per fixed-shape tile, so rows whose
+            # inner products are exactly equal (e.g. duplicates) tie exactly in every block layout.
             denominator = q_norm * np.linalg.norm(rows, axis=1)[None, :]
-            s = np.divide(q @ rows.T, denominator, out=np.zeros((num_q, rows.shape[0]), q.dtype),
-                          where=denominator > 0)
+            s = np.divide(_tile_products(q, rows, SCORE_TILE), denominator,
+                          out=np.zeros((num_q, rows.shape[0]), q.dtype), where=denominator > 0)
         else:
             s = np.asarray(score(q, rows))
             if s.shape != (num_q, rows.shape[0]):
