@@ -179,12 +179,31 @@ def _block_cg(batched_matvec, b: jax.Array, tol: float, max_iters: int) -> jax.A
     return x
 
 
+IHVP_SOLVERS = ("cg", "lissa")
+
+
 def influence_scores(queries, train, hvp_flat: Callable[[jax.Array], jax.Array], *, damping: float = 0.0,
-                     tol: float = 1e-10, max_iters: int = 1000) -> jax.Array:
+                     tol: float = 1e-10, max_iters: int = 1000, solver: str = "cg",
+                     lissa: dict | None = None) -> jax.Array:
     """Exact influence I(z, x) = ∇ℓ(z)ᵀ (H + λI)⁻¹ ∇ℓ(x) (Koh & Liang 2017; higher = more helpful),
-    with H the Hessian of the mean training loss given as a flat HVP, solved by CG per query."""
+    with H the Hessian of the mean training loss given as a flat HVP, solved per query by `solver`:
+    'cg' (conjugate gradient, `tol`, `max_iters`) or 'lissa' (`attribution.lissa.lissa_inverse_hvp`;
+    `lissa` = its keyword arguments, at least scale and depth; raises LiSSADivergenceError when the
+    recursion diverges instead of returning scores)."""
     q, t = _as2d("queries", queries), _as2d("train", train)
     _check_dims(q, t)
+    if solver not in IHVP_SOLVERS:
+        raise ValueError(f"solver={solver!r}; allowed values: {list(IHVP_SOLVERS)}")
+    if solver == "lissa":
+        from attribution.lissa import lissa_inverse_hvp
+
+        options = dict(lissa or {})
+        missing = [k for k in ("scale", "depth") if k not in options]
+        if missing:
+            raise ValueError(f"solver='lissa' needs lissa={{'scale': ..., 'depth': ...}}; missing {missing}")
+        return lissa_inverse_hvp(hvp_flat, q, damping=damping, **options) @ t.T
+    if lissa is not None:
+        raise ValueError("lissa options given but solver='cg'; pass solver='lissa'")
     return inverse_hvp(hvp_flat, q, damping=damping, tol=tol, max_iters=max_iters) @ t.T
 
 
