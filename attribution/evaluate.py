@@ -7,7 +7,9 @@
   query loss, so we correlate f̂ with −loss.
 - LOO correlation: Pearson/Spearman between scores and the actual loss increase when x_j is left out.
 - Retrieval: recall@k (fraction of the relevant training examples among the top k) and MRR (mean of
-  1/rank of the first relevant example).
+  1/rank of the first relevant example). From full score matrices: `first_relevant_ranks` (1-based
+  rank of each query's best-ranked relevant example) and `retrieval_metrics`, whose recall@k is the
+  share of queries with a relevant example in the top k (success@k, the fact-retrieval metric).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["spearman", "lds", "loo_correlation", "recall_at_k", "mean_reciprocal_rank"]
+__all__ = ["spearman", "lds", "loo_correlation", "recall_at_k", "mean_reciprocal_rank", "first_relevant_ranks",
+           "retrieval_metrics", "rank_of_relevant"]
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -90,3 +93,38 @@ def mean_reciprocal_rank(retrieved, relevant: Sequence[Sequence[int]]) -> float:
         hits = [i for i, j in enumerate(np.asarray(r).tolist()) if j in set(rel)]
         out.append(1.0 / (hits[0] + 1) if hits else 0.0)
     return float(np.mean(out))
+
+
+def first_relevant_ranks(scores, relevant: Sequence[Sequence[int]]) -> np.ndarray:
+    """1-based rank of the best-ranked relevant example per query. scores (Q, N), higher = better;
+    examples sorted by descending score, ties broken by index (a stable sort), so ranks are deterministic."""
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or len(relevant) != scores.shape[0]:
+        raise ValueError(f"scores must be (Q, N) with Q = len(relevant) = {len(relevant)}, got shape {scores.shape}")
+    ranks = np.empty(len(relevant), np.int64)
+    for j, docs in enumerate(relevant):
+        if len(docs) == 0:
+            raise ValueError(f"relevant[{j}] is empty: every query needs at least one relevant example")
+        order = np.argsort(-scores[j], kind="stable")
+        position = np.empty_like(order)
+        position[order] = np.arange(1, len(order) + 1)
+        ranks[j] = position[list(docs)].min()
+    return ranks
+
+
+def retrieval_metrics(ranks, ks: Sequence[int]) -> dict:
+    """From first-relevant ranks: recall@k = mean(rank ≤ k) (success@k) and mrr = mean(1 / rank)."""
+    ranks = np.asarray(ranks)
+    metrics = {f"recall@{k}": float(np.mean(ranks <= k)) for k in ks}
+    metrics["mrr"] = float(np.mean(1.0 / ranks))
+    return metrics
+
+
+def rank_of_relevant(scores, relevant) -> np.ndarray:
+    """Per query j, 1 + the number of examples scored strictly higher than example relevant[j]
+    (scores (Q, N); ties count in the relevant example's favour, an optimistic rank)."""
+    scores, relevant = np.asarray(scores), np.asarray(relevant)
+    if scores.ndim != 2 or relevant.shape != (scores.shape[0],):
+        raise ValueError(f"scores must be (Q, N) and relevant (Q,), got {scores.shape} and {relevant.shape}")
+    chosen = scores[np.arange(len(relevant)), relevant]
+    return 1 + np.sum(scores > chosen[:, None], axis=1)

@@ -135,13 +135,16 @@ def arnoldi_influence_scores(queries, train, eigenvalues, eigenvectors, *, min_e
 
 
 def inverse_hvp(hvp_flat: Callable[[jax.Array], jax.Array], vectors, *, damping: float = 0.0,
-                tol: float = 1e-10, max_iters: int = 1000, batch_size: int | None = None) -> jax.Array:
+                tol: float = 1e-10, max_iters: int = 1000, batch_size: int | None = None,
+                return_info: bool = False):
     """Rows of (H + λI)⁻¹ v for each row v of `vectors` (Q, D), by conjugate gradient (Hestenes &
     Stiefel 1952) on flat HVPs.
 
     Rows are solved `batch_size` at a time (all at once for None): each iteration applies
     `jax.vmap(hvp_flat)` to the block's search directions (one batched HVP instead of one per row),
-    and a row stops updating once ‖r‖ ≤ tol‖v‖. `hvp_flat` must be vmappable (any JAX function is)."""
+    and a row stops updating once ‖r‖ ≤ tol‖v‖. `hvp_flat` must be vmappable (any JAX function is).
+    With `return_info=True` returns (x, iterations, max_relative_residual): the largest number of CG
+    iterations of a block and max over rows of ‖(H + λI)x − v‖ / ‖v‖, recomputed from x."""
     vectors = _as2d("vectors", vectors)
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
@@ -149,12 +152,17 @@ def inverse_hvp(hvp_flat: Callable[[jax.Array], jax.Array], vectors, *, damping:
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     batched = jax.jit(jax.vmap(lambda v: hvp_flat(v) + damping * v))
     size = batch_size or vectors.shape[0]
-    return jnp.concatenate([_block_cg(batched, vectors[i:i + size], tol, max_iters)
-                            for i in range(0, vectors.shape[0], size)])
+    blocks = [_block_cg(batched, vectors[i:i + size], tol, max_iters) for i in range(0, vectors.shape[0], size)]
+    x = jnp.concatenate([block for block, _ in blocks])
+    if not return_info:
+        return x
+    iterations = max(count for _, count in blocks)
+    residual = jnp.linalg.norm(batched(x) - vectors, axis=1) / jnp.maximum(jnp.linalg.norm(vectors, axis=1), 1e-30)
+    return x, iterations, float(jnp.max(residual))
 
 
-def _block_cg(batched_matvec, b: jax.Array, tol: float, max_iters: int) -> jax.Array:
-    """Independent CG solves A x_i = b_i for the rows of b, advanced together."""
+def _block_cg(batched_matvec, b: jax.Array, tol: float, max_iters: int) -> tuple[jax.Array, int]:
+    """Independent CG solves A x_i = b_i for the rows of b, advanced together; (x, iterations run)."""
     def row_dot(u, v):
         return jnp.sum(u * v, axis=1)
 
@@ -163,10 +171,12 @@ def _block_cg(batched_matvec, b: jax.Array, tol: float, max_iters: int) -> jax.A
     p = r
     rs = row_dot(r, r)
     threshold = (tol ** 2) * rs
+    iterations = 0
     for _ in range(max_iters):
         active = rs > threshold
         if not bool(jnp.any(active)):
             break
+        iterations += 1
         ap = batched_matvec(p)
         curvature = row_dot(p, ap)
         alpha = jnp.where(active, rs / jnp.where(active, curvature, 1.0), 0.0)
@@ -176,7 +186,7 @@ def _block_cg(batched_matvec, b: jax.Array, tol: float, max_iters: int) -> jax.A
         beta = jnp.where(active, rs_new / jnp.where(active, rs, 1.0), 0.0)
         p = jnp.where(active[:, None], r + beta[:, None] * p, p)
         rs = jnp.where(active, rs_new, rs)
-    return x
+    return x, iterations
 
 
 IHVP_SOLVERS = ("cg", "lissa")

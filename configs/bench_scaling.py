@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.depth = 4
     config.classes = 10
     config.batch_size = 512            # global examples per step (a multiple of every device count)
-    # Timing (experiments.timing.median_time): warm-up calls, then up to `repeats` timed calls within
+    # Timing (experiments.common.timing.median_time): warm-up calls, then up to `repeats` timed calls within
     # `time_budget_s` per device count.
     config.warmup = 2
     config.repeats = 10

@@ -10,7 +10,7 @@ runs `python -m experiments.bench_scaling --worker SPEC`:
   mesh (`sketching.sharded.shard_batch`); the timed function is the jitted
   `sharded_sketch_per_example_gradients` program (`sketching.sharded.compiled_sharded_fn`): per-example
   gradients and their sketches Φ g_i (the `config.sketch`, m = `config.m`), each device on its slice.
-* Time: `experiments.timing.median_time` (warm-up calls incl. compilation, then up to `repeats` timed
+* Time: `experiments.common.timing.median_time` (warm-up calls incl. compilation, then up to `repeats` timed
   calls, each ended by `block_until_ready`, within `time_budget_s`); throughput = batch_size / median.
 * Check: the sharded rows are compared with the single-device `sketch_per_example_gradients` of the
   same batch (max relative error, `err_vs_single_device`), and the output sharding is recorded.
@@ -103,7 +103,7 @@ def worker(spec: Mapping[str, Any]) -> dict:
     import numpy as np
 
     import sketching
-    from experiments.timing import median_time
+    from experiments.common.timing import median_time
     from sketching import sharded
 
     n = int(spec["num_devices"])
@@ -212,7 +212,7 @@ def format_table(records: Sequence[Mapping], config) -> str:
 
 
 def plot(records: Sequence[Mapping], workdir) -> str:
-    from experiments import plots
+    from experiments.common import plots
 
     ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: r["num_devices"])
     xs = [r["num_devices"] for r in ok]
@@ -227,7 +227,7 @@ def plot(records: Sequence[Mapping], workdir) -> str:
 def run(config, workdir) -> dict:
     from tqdm.auto import tqdm
 
-    from experiments.workdir import atomic_write_text
+    from experiments.common.workdir import atomic_write_text
 
     validate_config(config)
     metrics_path = workdir.file("metrics.jsonl")

@@ -45,9 +45,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import sketching
-from experiments import plots
-from experiments.timing import PeakRSS, aot_compile, median_time, memory_of
-from experiments.workdir import atomic_write_text
+from experiments.common import plots
+from experiments.common.timing import PeakRSS, aot_compile, median_time, memory_of
+from experiments.common.workdir import atomic_write_text
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 MIN_LOG2_D, MAX_LOG2_D = 8, 30

@@ -22,7 +22,7 @@
    document) (ATTRIBUTION.md §4.4). `exact` uses the unsketched gradients as the reference.
 4. sketch_overhead/s = median time of the jitted sketched per-example gradients of all training
    documents / median time of the jitted plain per-example gradients (the PyTree of all g_i),
-   measured in this run with `experiments.timing.median_time`.
+   measured in this run with `experiments.common.timing.median_time`.
 
 Writes report.md, training.png, retrieval.png, retrieval.npz (scores' ranks), corpus.json,
 tokenizer.json and checkpoints/ to the workdir, and prints the report's path.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +41,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sketching  # noqa: E402
-from experiments import models as models_lib  # noqa: E402
-from experiments import train as train_lib  # noqa: E402
-from experiments import train_lm  # noqa: E402
-from experiments.timing import median_time  # noqa: E402
-from experiments.workdir import Workdir, atomic_write_text  # noqa: E402
+from attribution.evaluate import first_relevant_ranks, retrieval_metrics  # noqa: E402
+from attribution.scorers import cosine_scores  # noqa: E402
+from sketching.gradients import flatten_per_example  # noqa: E402
+from experiments.common import models as models_lib  # noqa: E402
+from experiments.common import train as train_lib  # noqa: E402
+from experiments.tasks import planted_lm  # noqa: E402
+from experiments.common.timing import median_time  # noqa: E402
+from experiments.common.workdir import Workdir, atomic_write_npz, atomic_write_text  # noqa: E402
 
 EXACT = "exact"
 RAW_EXACT = "raw_exact"
@@ -62,7 +64,7 @@ def preconditioned_loss(loss_fn, params, scale):
 
 
 def validate_config(config) -> None:
-    train_lm.validate_config(config)
+    planted_lm.validate_config(config)
     sketches = list(config.sketches)
     if not sketches:
         raise ValueError("config.sketches is empty; allowed values: a list from " + str(list(sketching.NAMES)))
@@ -87,53 +89,6 @@ def validate_config(config) -> None:
     if config.preconditioner == "adam" and config.train.optimizer not in ("adam", "adamw"):
         raise ValueError(f"config.preconditioner='adam' needs config.train.optimizer in ['adam', 'adamw'], "
                          f"got {config.train.optimizer!r}")
-
-
-def first_relevant_ranks(scores: np.ndarray, relevant: list[tuple[int, ...]]) -> np.ndarray:
-    """1-based rank of the best-ranked relevant document per query; documents sorted by descending
-    score, ties broken by document index (a stable sort), so ranks are deterministic."""
-    ranks = np.empty(len(relevant), np.int64)
-    for j, docs in enumerate(relevant):
-        order = np.argsort(-scores[j], kind="stable")
-        position = np.empty_like(order)
-        position[order] = np.arange(1, len(order) + 1)
-        ranks[j] = position[list(docs)].min()
-    return ranks
-
-
-def retrieval_metrics(ranks: np.ndarray, ks) -> dict:
-    """recall@k = mean(rank ≤ k); mrr = mean(1 / rank)."""
-    metrics = {f"recall@{k}": float(np.mean(ranks <= k)) for k in ks}
-    metrics["mrr"] = float(np.mean(1.0 / ranks))
-    return metrics
-
-
-def cosine_scores(queries: jax.Array, documents: jax.Array) -> np.ndarray:
-    """(Q, N) matrix of cos(q_j, g_i) = q_j·g_i / (‖q_j‖ ‖g_i‖) (a zero vector scores 0)."""
-    def normalise(x):
-        x = x.astype(jnp.float32)
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-30)
-
-    return np.asarray(jnp.matmul(normalise(queries), normalise(documents).T, precision=jax.lax.Precision.HIGHEST))
-
-
-def _flat_per_example(tree) -> jax.Array:
-    """A per-example gradient PyTree (leading axis B) as a (B, D) matrix."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
-
-
-def _atomic_savez(path: str, arrays: dict) -> None:
-    """np.savez through a temporary file and a rename (never a half-written store)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _plots(workdir: Workdir, curves: dict[str, np.ndarray], ks: list[int]) -> None:
@@ -209,8 +164,8 @@ def _report(config, summary: dict, num_params: int, ks: list[int]) -> str:
 
 
 def run(config, workdir: Workdir) -> dict:
-    s = train_lm.setup(config)
-    result = train_lm.train_model(config, workdir, s)
+    s = planted_lm.setup(config)
+    result = planted_lm.train_model(config, workdir, s)
     params = result.params
     raw_loss_fn = models_lib.make_loss_fns(s.model).loss_fn
     if config.preconditioner == "adam":
@@ -238,21 +193,21 @@ def run(config, workdir: Workdir) -> dict:
     if config.exact_reference:
         for name, fn, at in ((EXACT, plain, origin),
                              (RAW_EXACT, functools.partial(sketching.per_example_gradients, raw_loss_fn), params)):
-            scores = cosine_scores(_flat_per_example(fn(at, s.queries)), _flat_per_example(fn(at, s.train)))
+            scores = np.asarray(cosine_scores(flatten_per_example(fn(at, s.queries)), flatten_per_example(fn(at, s.train))))
             ranks[name] = first_relevant_ranks(scores, relevant)
     for i, name in enumerate(config.sketches):
         sketch = sketching.get(name, config.sketch_dim)
         state = sketch.init(jax.random.fold_in(jax.random.key(config.seed), 1000 + i), params)
         sketched = jax.jit(lambda p, b, sketch=sketch, state=state: sketching.sketch_per_example_gradients(
             sketch, state, loss_fn, p, b, mode=config.sketch_mode))
-        scores = cosine_scores(sketched(origin, s.queries), sketched(origin, s.train))
+        scores = np.asarray(cosine_scores(sketched(origin, s.queries), sketched(origin, s.train)))
         ranks[name] = first_relevant_ranks(scores, relevant)
         summary[f"sketch_overhead/{name}"] = median_time(sketched, origin, s.train, **timing)["median_s"] / plain_time
     for name, r in ranks.items():
         for key, value in retrieval_metrics(r, ks).items():
             summary[f"{key}/{name}"] = value
         workdir.log(result.step, **{f"retrieval/{key}/{name}": v for key, v in retrieval_metrics(r, ks).items()})
-    _atomic_savez(workdir.file("retrieval.npz"), {f"ranks_{name}": r for name, r in ranks.items()})
+    atomic_write_npz(workdir.file("retrieval.npz"), {f"ranks_{name}": r for name, r in ranks.items()})
 
     _plots(workdir, ranks, ks)
     report_path = workdir.file("report.md")

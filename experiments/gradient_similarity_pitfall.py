@@ -2,7 +2,7 @@
 
 Seed scenario (T5-small): input "I like to eat", targets "pizza" vs "pizza." give a whole-gradient
 cosine of 0.46 although the pairs are nearly identical. No pretrained seq model is loadable offline
-here, so this experiment trains the tiny decoder-only transformer (experiments/models.py, tied
+here, so this experiment trains the tiny decoder-only transformer (experiments/common/models.py, tied
 embedding) on generated (input, target) pairs — "i like to eat" → "pizza", "we want to drink" → "tea .",
 … — whose targets end with " ." with probability `data.dot_fraction` (both forms occur). The input is
 the prefix, the loss is the T5-style MEAN token NLL over the target tokens plus `<eos>`.
@@ -38,11 +38,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from attribution import ekfac  # noqa: E402
 from attribution.decompose import per_layer_scores, per_token_gradients  # noqa: E402
-from experiments import data as data_lib  # noqa: E402
-from experiments import models as models_lib  # noqa: E402
-from experiments import train as train_lib  # noqa: E402
-from experiments.tokenizers import WordTokenizer  # noqa: E402
-from experiments.workdir import Workdir, atomic_write_json, atomic_write_text  # noqa: E402
+from attribution.evaluate import rank_of_relevant  # noqa: E402
+from attribution.scorers import cosine_scores, inverse_hvp  # noqa: E402
+from landscape import softmax_ggn_matvec, top_eigenvalue  # noqa: E402
+from experiments.common import data as data_lib  # noqa: E402
+from experiments.common import models as models_lib  # noqa: E402
+from experiments.common import train as train_lib  # noqa: E402
+from experiments.common.tokenizers import WordTokenizer  # noqa: E402
+from experiments.common.workdir import Workdir, atomic_write_json, atomic_write_text  # noqa: E402
 
 # category: (verb phrase, answers). Two-word answers share a word with a one-word answer on purpose.
 CATEGORIES = {
@@ -254,9 +257,7 @@ def features(feature_fn, arrays: dict, chunk: int) -> dict[str, np.ndarray]:
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-30)
-    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-30)
-    return a @ b.T
+    return np.asarray(cosine_scores(a, b))
 
 
 def coarse_group(name: str) -> str:
@@ -308,63 +309,13 @@ def make_ggn_matvec(apply, params, arrays: dict):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _ggn_matvec(apply, batch, params, vs):
-    _, unravel = ravel_pytree(params)
     weights = batch["loss_mask"][:, 1:] / batch["tokens"].shape[0]
-
-    def logits_fn(p):
-        return apply(p, batch)[:, :-1].astype(jnp.float32)
-
-    logits, vjp = jax.vjp(logits_fn, params)
-    probs = jax.nn.softmax(logits, axis=-1)
-
-    def mv(v):
-        _, jv = jax.jvp(logits_fn, (params,), (unravel(v),))
-        hjv = probs * jv - probs * jnp.sum(probs * jv, axis=-1, keepdims=True)
-        return ravel_pytree(vjp(hjv * weights[..., None])[0])[0]
-
-    return jax.vmap(mv)(vs)
-
-
-def batched_cg(matvec, b: np.ndarray, damping: float, tol: float, max_iters: int):
-    """Rows of (G + λI)⁻¹ b by conjugate gradient run on all rows at once. Returns (x, iters, max rel. residual)."""
-    b = jnp.asarray(b, jnp.float32)
-    x, r, p = jnp.zeros_like(b), b, b
-    rs = jnp.sum(b * b, axis=1)
-    bnorm = jnp.sqrt(rs)
-    it = 0
-    for it in range(1, max_iters + 1):
-        ap = matvec(p) + damping * p
-        alpha = rs / jnp.maximum(jnp.sum(p * ap, axis=1), 1e-30)
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * ap
-        rs_new = jnp.sum(r * r, axis=1)
-        p = r + (rs_new / jnp.maximum(rs, 1e-30))[:, None] * p
-        rs = rs_new
-        if bool(jnp.all(jnp.sqrt(rs) <= tol * bnorm)):
-            break
-    resid = jnp.linalg.norm(matvec(x) + damping * x - b, axis=1) / jnp.maximum(bnorm, 1e-30)
-    return np.asarray(x), it, float(jnp.max(resid))
-
-
-def top_eigenvalue(matvec, dim: int, iters: int, seed: int) -> float:
-    v = jax.random.normal(jax.random.key(seed), (1, dim))
-    lam = 0.0
-    for _ in range(iters):
-        w = matvec(v / jnp.linalg.norm(v))
-        lam = float(jnp.linalg.norm(w))
-        v = w
-    return lam
+    return softmax_ggn_matvec(lambda p: apply(p, batch)[:, :-1].astype(jnp.float32), params, weights)(vs)
 
 
 # ----------------------------------------------------------------------------------------------
 # Ranking metrics
 # ----------------------------------------------------------------------------------------------
-
-def rank_of(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """1 + number of documents scored strictly higher than the relevant one, per query."""
-    rel = scores[np.arange(len(relevant)), relevant]
-    return 1 + np.sum(scores > rel[:, None], axis=1)
-
 
 def kind_of(query: Pair, doc: Pair, is_relevant: bool) -> str:
     if is_relevant:
@@ -595,10 +546,12 @@ def _stage(config, workdir: Workdir, prefix: str, ctx: dict, params) -> tuple[di
     if config.exact_if.enabled:
         x = config.exact_if
         mv, dim = make_ggn_matvec(apply, params, train_arrays)
-        lam_max = top_eigenvalue(mv, dim, x.power_iters, config.seed)
+        lam_max = top_eigenvalue(mv, dim, num_iters=x.power_iters, key=jax.random.key(config.seed))
         damping = x.damping_rel * lam_max
         rhs = np.concatenate([fq["sum"], ft["sum"][seed_idx: seed_idx + 1]])
-        sol, iters, resid = batched_cg(mv, rhs, damping, x.tol, x.max_iters)
+        sol, iters, resid = inverse_hvp(lambda v: mv(v[None])[0], jnp.asarray(rhs, jnp.float32), damping=damping,
+                                        tol=x.tol, max_iters=x.max_iters, return_info=True)
+        sol = np.asarray(sol)
         scores["exact_if"] = sol[:-1] @ ft["sum"].T
         ga_s, gb_s = fq["sum"][0], ft["sum"][seed_idx]
         summary["pair/cosine_exact_if"] = float(sol[0] @ gb_s / math.sqrt(max((sol[0] @ ga_s) * (sol[-1] @ gb_s), 1e-300)))
@@ -608,7 +561,7 @@ def _stage(config, workdir: Workdir, prefix: str, ctx: dict, params) -> tuple[di
     # 5. Ranking of the relevant training pair.
     ranks, top_kinds, top_docs = {}, {}, {}
     for name, sc in scores.items():
-        r = rank_of(sc, relevant)
+        r = rank_of_relevant(sc, relevant)
         ranks[name] = r
         summary[f"ranking/{name}/mrr"] = float(np.mean(1.0 / r))
         summary[f"ranking/{name}/recall@1"] = float(np.mean(r == 1))
@@ -859,7 +812,7 @@ def _report(config, summary: dict, extras: dict) -> str:
 
 Seed (T5-small, a Q&A thread): input "I like to eat", target "pizza" vs "pizza." gives a whole-gradient cosine
 of **0.46** (1.0 for identical pairs). No pretrained sequence model can be loaded offline here, so this run
-uses the tiny decoder-only transformer of `experiments/models.py` ({config.model.num_layers} layers,
+uses the tiny decoder-only transformer of `experiments/common/models.py` ({config.model.num_layers} layers,
 d={config.model.d_model}, tied input/output embedding, {summary['num_params']} parameters) trained from scratch on
 {summary['num_pairs']} generated (input, target) pairs ("i like to eat" → "pizza", "we want to drink" → "tea .", …;
 each (input, answer) combination occurs once; {summary['dot_fraction_in_corpus']:.0%} of the targets end with " .").

@@ -20,7 +20,6 @@ density_<study>.png, and summary.json with flat keys `<study>/step<s>/<metric>` 
 """
 from __future__ import annotations
 
-import io
 import time
 
 import jax
@@ -29,13 +28,13 @@ import numpy as np
 
 import landscape
 import sketching
-from experiments import data as data_lib
-from experiments import finetune_classifier
-from experiments import models as models_lib
-from experiments import train as train_lib
-from experiments.plots import Panel, save_panel_grid
-from experiments.timing import PeakRSS
-from experiments.workdir import Workdir, atomic_write_bytes
+from experiments.common import data as data_lib
+from experiments.tasks import classifier
+from experiments.common import models as models_lib
+from experiments.common import train as train_lib
+from experiments.common.plots import Panel, save_panel_grid
+from experiments.common.timing import PeakRSS
+from experiments.common.workdir import Workdir, atomic_write_npz
 
 _SPECTRUM_FIELDS = {"num_examples", "batch_size", "num_iters", "float64", "sketch", "sketch_m", "sketched_iters",
                     "num_ratios", "alignment_k", "slq_probes", "slq_iters", "slq_sigma_squared", "hutchinson_probes",
@@ -64,7 +63,7 @@ def validate_config(config) -> None:
                 raise ValueError(f"config.{name}.class_counts must hold ints >= 2, got {tuple(study.class_counts)}")
         plain = ml_collections.ConfigDict({key: value for key, value in study.to_dict().items()
                                             if key not in _STUDY_EXTRA_FIELDS})
-        finetune_classifier.validate_config(plain)
+        classifier.validate_config(plain)
         unknown = sorted(set(study.get("spectrum", {})) - _SPECTRUM_FIELDS)
         if unknown:
             raise ValueError(f"config.{name}.spectrum has unknown fields {unknown}; allowed fields: {sorted(_SPECTRUM_FIELDS)}")
@@ -219,14 +218,12 @@ def _save_density(path: str, density: landscape.SpectralDensity) -> None:
     weights = np.zeros((density.num_probes, steps))
     for row, (theta, tau) in enumerate(zip(density.nodes, density.weights)):
         nodes[row, :len(theta)], weights[row, :len(tau)] = theta, tau
-    buffer = io.BytesIO()
-    np.savez(buffer, nodes=nodes, weights=weights, dimension=density.dimension)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_npz(path, {"nodes": nodes, "weights": weights, "dimension": density.dimension})
 
 
 def _run_study(name: str, study, config, workdir: Workdir, quiet: bool) -> tuple[dict, list[dict]]:
     spectrum = study_spectrum(config, name)
-    setup = finetune_classifier.prepare(study)
+    setup = classifier.prepare(study)
     num_classes = int(np.max(setup.train_arrays["y"])) + 1
     k = spectrum.alignment_k or num_classes
     loss_fn = models_lib.make_loss_fns(setup.model).loss_fn
@@ -261,7 +258,7 @@ def _run_study(name: str, study, config, workdir: Workdir, quiet: bool) -> tuple
         summary.update({f"{name}/sketch_accuracy/{metric}": value for metric, value in accuracy.items()})
         _plot_accuracy(name, accuracy, spectrum, workdir)
     for count in study.class_counts:
-        sweep = finetune_classifier.prepare(study, num_classes=count)
+        sweep = classifier.prepare(study, num_classes=count)
         sweep_loss = models_lib.make_loss_fns(sweep.model).loss_fn
         sweep_params = _train_to(sweep, sweep_loss, sweep.params, checkpoints[-1],
                                  Workdir(workdir.file(f"{name}_C{count}_train")), quiet, f"{name} C={count}")

@@ -41,24 +41,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import sketching  # noqa: E402
+from sketching.gradients import flatten_per_example  # noqa: E402
 from attribution import ekfac  # noqa: E402
 from attribution import query_batching as qb  # noqa: E402
 from attribution import retrain  # noqa: E402
 from attribution import tfidf  # noqa: E402
+from attribution.scorers import cosine_scores  # noqa: E402
 from attribution.evaluate import lds  # noqa: E402
 from attribution.index import params_hash  # noqa: E402
 from configs.influence_llm import TASKS  # noqa: E402
-from experiments import data as data_lib  # noqa: E402
-from experiments import models as models_lib  # noqa: E402
-from experiments import train_lm  # noqa: E402
-from experiments.demo import _atomic_savez, first_relevant_ranks, retrieval_metrics  # noqa: E402
-from experiments.workdir import Workdir, atomic_write_text  # noqa: E402
+from experiments.common import data as data_lib  # noqa: E402
+from experiments.common import models as models_lib  # noqa: E402
+from experiments.tasks import planted_lm  # noqa: E402
+from attribution.evaluate import first_relevant_ranks, retrieval_metrics  # noqa: E402
+from experiments.common.workdir import Workdir, atomic_write_npz, atomic_write_text  # noqa: E402
 
 SKETCHES = ("qk", "afjl", "logra")
 
 
 def validate_config(config) -> None:
-    train_lm.validate_config(config)
+    planted_lm.validate_config(config)
     for task in config.tasks:
         if task not in TASKS:
             raise ValueError(f"config.tasks has {task!r}; allowed values: {list(TASKS)}")
@@ -77,17 +79,6 @@ def validate_config(config) -> None:
         raise ValueError(f"config.lds_subsets must be 0 (off) or an int >= 2, got {config.lds_subsets!r}")
     if not 0 < config.lds_fraction < 1:
         raise ValueError(f"config.lds_fraction must be in (0, 1), got {config.lds_fraction!r}")
-
-
-def _flat(tree) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
-
-
-def _cosine(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-    qn = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-30)
-    gn = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-30)
-    return qn @ gn.T
 
 
 def _sketch(name: str, m: int):
@@ -111,7 +102,7 @@ def _tail_stats(scores: np.ndarray) -> dict:
     return {"top5pct_mass": float(np.mean(mass)), "tail_exponent": float(np.median(slopes)) if slopes else float("nan")}
 
 
-def _lds_losses(config, wd: Workdir, s: train_lm.Setup) -> tuple[np.ndarray, np.ndarray]:
+def _lds_losses(config, wd: Workdir, s: planted_lm.Setup) -> tuple[np.ndarray, np.ndarray]:
     """Retrains on `lds_subsets` random subsets (cached and resumable, attribution/retrain.py); returns
     the subset masks (J, N) and the query losses (J, Q)."""
     n = len(s.corpus.documents)
@@ -122,7 +113,7 @@ def _lds_losses(config, wd: Workdir, s: train_lm.Setup) -> tuple[np.ndarray, np.
         masks[j, rng.choice(n, int(round(config.lds_fraction * n)), replace=False)] = 1.0
 
     def query_losses(chunk: np.ndarray) -> np.ndarray:
-        return np.stack([np.asarray(per_example_loss(train_lm.train_on_subset(config, s, np.flatnonzero(mask)),
+        return np.stack([np.asarray(per_example_loss(planted_lm.train_on_subset(config, s, np.flatnonzero(mask)),
                                                      s.queries), np.float64) for mask in chunk])
 
     losses = retrain.retrain_outcomes(wd.file("lds_retraining"), masks, query_losses, chunk_size=1,
@@ -132,8 +123,8 @@ def _lds_losses(config, wd: Workdir, s: train_lm.Setup) -> tuple[np.ndarray, np.
 
 
 def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
-    s = train_lm.setup(config)
-    result = train_lm.train_model(config, wd, s)
+    s = planted_lm.setup(config)
+    result = planted_lm.train_model(config, wd, s)
     params, apply = result.params, s.model.apply
     relevant = [q.documents for q in s.corpus.queries]
     n = len(s.corpus.documents)
@@ -156,7 +147,7 @@ def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
               ("grad_dot", "none"): np.asarray(ekfac.influence_scores(qgrads, acts), np.float64)}
     qflat = np.concatenate([np.asarray(v).reshape(v.shape[0], -1) for v in qgrads.values()], 1)
     tflat = np.concatenate([np.asarray(v).reshape(v.shape[0], -1) for v in tgrads.values()], 1)
-    scores[("grad_cosine", "none")] = _cosine(qflat, tflat)
+    scores[("grad_cosine", "none")] = np.asarray(cosine_scores(qflat, tflat))
     per_layer = {p: np.asarray(v) for p, v in ekfac.influence_scores(pre, acts, per_layer=True).items()}
     total = sum(np.abs(v).sum() for v in per_layer.values())
     for p, v in per_layer.items():
@@ -167,12 +158,12 @@ def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
     loss_fn = models_lib.make_loss_fns(s.model).loss_fn
     pe = jax.jit(lambda p, b: sketching.per_example_gradients(loss_fn, p, b))
     gq, gt = pe(params, s.queries), pe(params, s.train)
-    scores[("cosine", "none")] = _cosine(np.asarray(_flat(gq)), np.asarray(_flat(gt)))
+    scores[("cosine", "none")] = np.asarray(cosine_scores(flatten_per_example(gq), flatten_per_example(gt)))
     for i, name in enumerate(config.sketches):
         sk = _sketch(name, config.sketch_dim)
         st = sk.init(jax.random.fold_in(jax.random.key(config.seed), 100 + i), params)
         apply_all = jax.jit(jax.vmap(sk.apply, in_axes=(None, 0)))
-        scores[("cosine", name)] = _cosine(np.asarray(apply_all(st, gq)), np.asarray(apply_all(st, gt)))
+        scores[("cosine", name)] = np.asarray(cosine_scores(apply_all(st, gq), apply_all(st, gt)))
     dense = sketching.get("dense", config.trak_dim)
     st = dense.init(jax.random.fold_in(jax.random.key(config.seed), 99), params)
     proj = jax.jit(jax.vmap(dense.apply, in_axes=(None, 0)))
@@ -213,7 +204,7 @@ def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
     words = [s.tokenizer.decode([int(t)]) for t in ids]
     extras = {"tokens": tokens[top_doc], "words": words, "query": texts[0], "top_doc": top_doc,
               "ekfac": scores[("ekfac", "none")], "relevant": relevant}
-    _atomic_savez(wd.file("scores.npz"), {f"{a}__{b}": v for (a, b), v in scores.items()})
+    atomic_write_npz(wd.file("scores.npz"), {f"{a}__{b}": v for (a, b), v in scores.items()})
     return out, extras
 
 

@@ -30,10 +30,10 @@ import numpy as np
 import optax
 
 import sketching
-from experiments import finetune_classifier
-from experiments import models as models_lib
-from experiments.plots import Panel, save_panel_grid
-from experiments.workdir import Workdir
+from experiments.tasks import classifier
+from experiments.common import models as models_lib
+from experiments.common.plots import Panel, save_panel_grid
+from experiments.common.workdir import Workdir
 from landscape import intrinsic_dimension as idim
 
 TASKS = ("planted", "digits_mlp", "digits_cnn", "text_minilm")
@@ -110,7 +110,7 @@ def planted_task(config) -> Task:
 
 
 def classifier_task(section) -> Task:
-    setup = finetune_classifier.prepare(section)
+    setup = classifier.prepare(section)
     loss_fn = models_lib.make_loss_fns(setup.model).loss_fn
     return Task(loss_fn, setup.params, setup.batch_at,
                 lambda params: setup.evaluate(params)["test_accuracy"], "test accuracy")

@@ -5,7 +5,7 @@
 It loads the ml_collections config, validates it, writes `DIR/config.json`, dispatches to
 `experiments/<config.experiment>.py`'s `run(config, workdir) -> dict` and writes the returned flat
 mapping of headline numbers to `DIR/summary.json`. `metrics.jsonl` is appended to by the experiment
-through `experiments.workdir.Workdir.log`. A failed run leaves no `summary.json`.
+through `experiments.common.workdir.Workdir.log`. A failed run leaves no `summary.json`.
 """
 from __future__ import annotations
 
@@ -19,19 +19,17 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import experiments
-from experiments.workdir import Workdir, atomic_write_json
+from experiments.common.workdir import Workdir, atomic_write_json
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:preset`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (created if missing).")
 _QUIET = flags.DEFINE_bool("quiet", False, "Silence progress bars.")
 
-# Modules in experiments/ that are helpers, not experiment kinds.
-_HELPER_MODULES = {"run", "workdir", "plots", "models", "data", "train", "timing", "tokenizers"}
-
-
 def available_experiments() -> list[str]:
-    names = [m.name for m in pkgutil.iter_modules(experiments.__path__)]
-    return sorted(n for n in names if n not in _HELPER_MODULES and not n.startswith("_"))
+    """Every module directly in experiments/ except this runner: one per experiment kind. The shared
+    stack lives in the packages experiments/common/ and experiments/tasks/, never listed here."""
+    return sorted(m.name for m in pkgutil.iter_modules(experiments.__path__)
+                  if not m.ispkg and m.name != "run" and not m.name.startswith("_"))
 
 
 def load_experiment(name: str):

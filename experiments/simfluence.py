@@ -27,9 +27,9 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from attribution import simfluence as sf  # noqa: E402
-from experiments import data as data_lib  # noqa: E402
-from experiments import models as models_lib  # noqa: E402
-from experiments.workdir import Workdir, atomic_write_text  # noqa: E402
+from experiments.common import data as data_lib  # noqa: E402
+from experiments.common import models as models_lib  # noqa: E402
+from experiments.common.workdir import Workdir, atomic_write_text  # noqa: E402
 
 
 def _positive_int(config, field):

@@ -61,12 +61,12 @@ from attribution.decompose import per_layer_scores  # noqa: E402
 from attribution.evaluate import lds, loo_correlation  # noqa: E402
 from attribution.index import build_index, params_hash, sketched_features_fn  # noqa: E402
 from configs.tda_benchmark import SCORERS, SKETCHES, TASKS  # noqa: E402
-from experiments import data as data_lib  # noqa: E402
-from experiments import models as models_lib  # noqa: E402
-from experiments import train as train_lib  # noqa: E402
-from experiments import train_lm  # noqa: E402
-from experiments.demo import first_relevant_ranks, retrieval_metrics  # noqa: E402
-from experiments.workdir import Workdir, atomic_write_text  # noqa: E402
+from experiments.common import data as data_lib  # noqa: E402
+from experiments.common import models as models_lib  # noqa: E402
+from experiments.common import train as train_lib  # noqa: E402
+from experiments.tasks import planted_lm  # noqa: E402
+from attribution.evaluate import first_relevant_ranks, retrieval_metrics  # noqa: E402
+from experiments.common.workdir import Workdir, atomic_write_text  # noqa: E402
 from landscape import arnoldi  # noqa: E402
 from landscape.lanczos import cast_to_layout, sketched_operator  # noqa: E402
 from landscape.operators import hvp_fn  # noqa: E402
@@ -126,7 +126,7 @@ def validate_config(config) -> None:
         raise ValueError(f"config.digits.num_train <= 1438 and num_queries <= 359 (the digits split), got "
                          f"{d.num_train}, {d.num_queries}")
     if "facts_lm" in config.tasks:
-        train_lm.validate_config(config.facts)
+        planted_lm.validate_config(config.facts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,9 +232,9 @@ def _facts_task(config, wd: Workdir) -> Task:
     cfg = config.facts
     with cfg.unlocked():
         cfg.quiet = config.get("quiet", False)
-    s = train_lm.setup(cfg)
+    s = planted_lm.setup(cfg)
     folder = Workdir(wd.file("facts_lm/model"))
-    result = train_lm.train_model(cfg, folder, s)
+    result = planted_lm.train_model(cfg, folder, s)
     loss_fns = models_lib.make_loss_fns(s.model)
     per_example_loss = loss_fns.per_example_loss
     opt_state = train_lib.optimizer_from_config(cfg.train).init(s.params)  # the checkpoints' template
@@ -250,7 +250,7 @@ def _facts_task(config, wd: Workdir) -> Task:
     def outcomes(masks):
         rows = []
         for mask in masks:
-            p = train_lm.train_on_subset(cfg, s, np.flatnonzero(mask))
+            p = planted_lm.train_on_subset(cfg, s, np.flatnonzero(mask))
             rows.append(np.concatenate([np.asarray(per_example_loss(p, queries_j)),
                                         np.asarray(correct(p, queries_j), np.float64)]))
         return np.stack(rows)

@@ -6,154 +6,20 @@ Writes `corpus.json` (documents, which fact each plants, queries with their plan
 `tokenizer.json`, checkpoints under `checkpoints/` (a rerun resumes from the newest) and reports
 `query_accuracy` (greedy next word after each planted fact's prompt is its answer),
 `heldout_query_accuracy` (facts never written: ≈ 0 unless the model guesses) and the final loss.
-`setup` and `train_model` are reused by the `demo` experiment.
+The task itself lives in `experiments/tasks/planted_lm.py`.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-from typing import Any
+from experiments.common import models as models_lib
+from experiments.common.workdir import Workdir
+from experiments.tasks import planted_lm
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from experiments import data as data_lib
-from experiments import models as models_lib
-from experiments import train as train_lib
-from experiments.tokenizers import WordTokenizer
-from experiments.workdir import Workdir, atomic_write_json
-
-_DATA_FIELDS = {"num_facts", "docs_per_fact", "num_distractors", "num_heldout", "num_subjects",
-                "filler_min", "filler_max", "order", "canonical_first"}
-_TRAIN_FIELDS = {"optimizer", "learning_rate", "schedule", "warmup_steps", "weight_decay", "num_steps",
-                 "batch_size", "checkpoint_every", "eval_every", "log_every"}
-
-
-def _check_fields(section: str, given, allowed: set[str]) -> None:
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ValueError(f"config.{section} has unknown fields {unknown}; allowed fields: {sorted(allowed)}")
-
-
-def validate_config(config) -> None:
-    """ValueError naming the field for anything the run would reject later (checked before any work)."""
-    for section in ("data", "model", "train"):
-        if section not in config:
-            raise ValueError(f"config.{section} is missing")
-    _check_fields("data", config.data, _DATA_FIELDS)
-    _check_fields("train", config.train, _TRAIN_FIELDS)
-    if config.data.order not in data_lib.ORDERS:
-        raise ValueError(f"config.data.order={config.data.order!r}; allowed values: {list(data_lib.ORDERS)}")
-    model = config.model.to_dict()
-    if model.get("name") != "transformer":
-        raise ValueError(f"config.model.name={model.get('name')!r}; allowed values: ['transformer']")
-    model.pop("name")
-    for derived in ("vocab_size", "max_len"):
-        if derived in model:
-            raise ValueError(f"config.model.{derived} is derived (tokenizer vocabulary / config.max_len); remove it")
-    models_lib.validate_model_config("transformer", {**model, "vocab_size": 1, "max_len": 1})
-    if model.get("num_classes", 0):
-        raise ValueError("config.model.num_classes must be 0 (a language model) for planted facts")
-    train_lib.validate_train_section(config, min_max_len=8)
-
-
-@dataclasses.dataclass
-class Setup:
-    corpus: data_lib.PlantedFacts
-    tokenizer: WordTokenizer
-    train: dict      # LM arrays of the training documents
-    queries: dict    # LM arrays of the planted facts' queries (loss on the answer only)
-    heldout: dict    # the same for the held-out facts
-    model: models_lib.Model
-    params: Any      # initial parameters
-
-
-def setup(config) -> Setup:
-    d = config.data
-    corpus = data_lib.make_planted_facts(
-        seed=config.seed, num_facts=d.num_facts, docs_per_fact=d.docs_per_fact,
-        num_distractors=d.num_distractors, num_heldout=d.num_heldout, num_subjects=d.num_subjects,
-        filler_sentences=(d.filler_min, d.filler_max), order=d.order, canonical_first=d.canonical_first,
-    )
-    all_queries = corpus.queries + corpus.heldout_queries
-    tokenizer = WordTokenizer.fit(list(corpus.documents) + [f"{q.prompt} {q.answer}" for q in all_queries])
-    train_arrays = data_lib.lm_arrays(*tokenizer.encode_batch(corpus.documents, config.max_len))
-    queries = data_lib.query_arrays(tokenizer, corpus.queries, config.max_len)
-    heldout = data_lib.query_arrays(tokenizer, corpus.heldout_queries, config.max_len)
-    options = {k: v for k, v in config.model.to_dict().items() if k != "name"}
-    model, params = models_lib.build_model(
-        "transformer", jax.random.key(config.seed), data_lib.take(train_arrays, np.arange(1)),
-        vocab_size=tokenizer.vocab_size, max_len=config.max_len, **options,
-    )
-    return Setup(corpus, tokenizer, train_arrays, queries, heldout, model, params)
-
-
-def accuracy_fn(model: models_lib.Model):
-    """jitted (params, arrays) -> fraction of examples answered correctly (nan for no examples)."""
-    correct = jax.jit(functools.partial(models_lib.per_example_correct, model))
-
-    def accuracy(params, arrays: dict) -> float:
-        if len(arrays["tokens"]) == 0:
-            return float("nan")
-        return float(jnp.mean(correct(params, arrays)))
-
-    return accuracy
-
-
-def write_corpus(path: str, corpus: data_lib.PlantedFacts) -> None:
-    atomic_write_json(path, {
-        "order": corpus.order,
-        "documents": list(corpus.documents),
-        "doc_fact": list(corpus.doc_fact),
-        "facts": [dataclasses.asdict(f) for f in corpus.facts],
-        "queries": [dataclasses.asdict(q) for q in corpus.queries],
-        "heldout_queries": [dataclasses.asdict(q) for q in corpus.heldout_queries],
-    })
-
-
-def train_model(config, workdir: Workdir, s: Setup) -> train_lib.TrainResult:
-    """Trains (or resumes) the LM of `s` with config.train; checkpoints in the workdir."""
-    t = config.train
-    loss_fn = models_lib.make_loss_fns(s.model).loss_fn
-    num_docs = len(s.corpus.documents)
-    if t.batch_size > num_docs:
-        raise ValueError(f"config.train.batch_size={t.batch_size} > {num_docs} training documents")
-    batch_at = train_lib.batch_fn(s.train, t.batch_size, config.seed)
-    eval_loss = jax.jit(loss_fn)
-    accuracy = accuracy_fn(s.model)
-
-    def evaluate(params) -> dict:
-        return {"loss": float(eval_loss(params, s.train)),
-                "query_accuracy": accuracy(params, s.queries),
-                "heldout_query_accuracy": accuracy(params, s.heldout)}
-
-    s.tokenizer.save(workdir.file("tokenizer.json"))
-    write_corpus(workdir.file("corpus.json"), s.corpus)
-    return train_lib.train(
-        loss_fn, s.params, train_lib.optimizer_from_config(config.train), batch_at, t.num_steps, workdir=workdir,
-        checkpoint_every=t.checkpoint_every, eval_fn=evaluate, eval_every=t.eval_every,
-        log_every=t.log_every, quiet=config.get("quiet", False), description="train LM",
-    )
-
-
-def train_on_subset(config, s: Setup, indices: np.ndarray) -> Any:
-    """Parameters after training from `s.params` on the documents `indices` only (in memory, quiet):
-    the same optimiser and number of steps, batches drawn from the subset (batch size capped at its
-    size). The retraining of LDS / counterfactual evaluations (attribution/retrain.py caches results)."""
-    indices = np.asarray(indices)
-    if indices.ndim != 1 or len(indices) == 0:
-        raise ValueError(f"indices must be a non-empty 1-D array of document indices, got shape {indices.shape}")
-    loss_fn = models_lib.make_loss_fns(s.model).loss_fn
-    batch_at = train_lib.batch_fn(data_lib.take(s.train, indices), min(config.train.batch_size, len(indices)),
-                                  config.seed)
-    return train_lib.train(loss_fn, s.params, train_lib.optimizer_from_config(config.train), batch_at, config.train.num_steps,
-                           log_every=0, quiet=True).params
+validate_config = planted_lm.validate_config
 
 
 def run(config, workdir: Workdir) -> dict:
-    s = setup(config)
-    result = train_model(config, workdir, s)
+    s = planted_lm.setup(config)
+    result = planted_lm.train_model(config, workdir, s)
     return {
         "query_accuracy": result.eval_metrics["query_accuracy"],
         "heldout_query_accuracy": result.eval_metrics["heldout_query_accuracy"],

@@ -15,6 +15,7 @@ from sketching.base import Sketch, SketchState, describe, get, names
 from sketching.gradients import (
     MODES,
     hvp,
+    flatten_per_example,
     per_example_gradients,
     sketch_gradient,
     sketch_hvp,
@@ -28,6 +29,6 @@ NAMES = names()
 
 __all__ = [
     "NAMES", "MODES", "Sketch", "SketchState", "Layout", "get", "describe",
-    "sketch_gradient", "sketch_per_example_gradients", "per_example_gradients",
+    "sketch_gradient", "sketch_per_example_gradients", "per_example_gradients", "flatten_per_example",
     "hvp", "sketch_hvp", "sketched_hessian_operator",
 ]

@@ -85,6 +85,13 @@ def per_example_gradients(loss_fn: LossFn, params: PyTree, batch: Any) -> PyTree
     return jax.vmap(lambda ex: jax.grad(loss_fn)(params, _one_example_batch(ex)))(batch)
 
 
+def flatten_per_example(tree: PyTree) -> jax.Array:
+    """A per-example PyTree (every leaf with leading batch axis B) as one (B, D) matrix, leaves in
+    tree-flatten order (the order of `sketching.layout.Layout`)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
+
+
 def hvp(loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree) -> PyTree:
     """Exact Hessian-vector product H v (forward-over-reverse)."""
     grad_fn = lambda p: jax.grad(loss_fn)(p, batch)  # noqa: E731

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attribution import ekfac
-from experiments.models import build_model, make_loss_fns
+from experiments.common.models import build_model, make_loss_fns
 
 IN, HIDDEN, CLASSES = 4, 5, 3
 

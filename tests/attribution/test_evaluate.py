@@ -31,3 +31,23 @@ def test_loo_recall_mrr():
     retrieved = [[2, 0, 1], [1, 2, 0]]
     assert evaluate.recall_at_k(retrieved, [[0], [0, 2]], k=2) == pytest.approx((1 + 0.5) / 2)
     assert evaluate.mean_reciprocal_rank(retrieved, [[0], [0]]) == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_first_relevant_ranks_and_retrieval_metrics():
+    scores = np.array([[0.1, 0.9, 0.5, 0.9], [0.3, 0.2, 0.3, 0.0]])
+    # query 0: order by descending score, ties by index -> [1, 3, 2, 0]; relevant {2, 0} -> best rank 3
+    # query 1: order [0, 2, 1, 3]; relevant {2} -> rank 2
+    ranks = evaluate.first_relevant_ranks(scores, [(2, 0), (2,)])
+    np.testing.assert_array_equal(ranks, [3, 2])
+    metrics = evaluate.retrieval_metrics(ranks, [1, 2, 3])
+    assert metrics == {"recall@1": 0.0, "recall@2": 0.5, "recall@3": 1.0, "mrr": (1 / 3 + 1 / 2) / 2}
+    with pytest.raises(ValueError, match="relevant"):
+        evaluate.first_relevant_ranks(scores, [(0,), ()])
+
+
+def test_rank_of_relevant_counts_strictly_better_examples():
+    scores = np.array([[0.1, 0.9, 0.5], [0.3, 0.2, 0.3]])
+    np.testing.assert_array_equal(evaluate.rank_of_relevant(scores, np.array([2, 0])), [2, 1])
+    with pytest.raises(ValueError, match="relevant"):
+        evaluate.rank_of_relevant(scores, np.array([0]))
+

@@ -38,6 +38,10 @@ def test_cg_solves_spd(x64):
     x = scorers.inverse_hvp(lambda v: jnp.asarray(a) @ v, b, damping=0.5)
     np.testing.assert_allclose(scorers.inverse_hvp(lambda v: jnp.asarray(a) @ v, b, damping=0.5, batch_size=1), x, rtol=1e-12)
     np.testing.assert_allclose(x, np.linalg.solve(a + 0.5 * np.eye(6), b.T).T, rtol=1e-8)
+    y, iterations, residual = scorers.inverse_hvp(lambda v: jnp.asarray(a) @ v, b, damping=0.5, return_info=True)
+    np.testing.assert_array_equal(y, x)
+    assert 1 <= iterations <= 6 + 1  # CG on a 6×6 SPD system converges in ≤ 6 steps in exact arithmetic
+    assert residual < 1e-8
 
 
 def test_exact_if_matches_leave_one_out(x64):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from experiments import data
-from experiments.tokenizers import WordTokenizer, split_words
+from experiments.common import data
+from experiments.common.tokenizers import WordTokenizer, split_words
 
 
 def test_planted_facts_deterministic_in_seed():

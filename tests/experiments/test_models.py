@@ -6,7 +6,7 @@ import optax
 import pytest
 
 import sketching
-from experiments import data, models
+from experiments.common import data, models
 
 
 def _fit(model, params, batch, steps=30, lr=1e-2):
@@ -90,7 +90,7 @@ _COSINES = {(0, 1): 0.7553367, (0, 2): -0.10495861, (0, 3): 0.24740128}
 
 
 def test_minilm_loads_offline_and_matches_reference():
-    from experiments.tokenizers import minilm_tokenizer
+    from experiments.common.tokenizers import minilm_tokenizer
 
     tok = minilm_tokenizer()
     enc = tok(_SENTENCES, padding=True, return_tensors="np")

@@ -3,13 +3,13 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import data, models, train
-from experiments.workdir import Workdir
+from experiments.common import data, models, train
+from experiments.common.workdir import Workdir
 
 
 def _setup():
     corpus = data.make_planted_facts(seed=0, num_facts=4, num_distractors=4, num_heldout=0)
-    from experiments.tokenizers import WordTokenizer
+    from experiments.common.tokenizers import WordTokenizer
 
     tok = WordTokenizer.fit(corpus.documents)
     arrays = data.lm_arrays(*tok.encode_batch(corpus.documents, 40))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 
 import sketching
-from experiments.timing import compiled_memory
+from experiments.common.timing import compiled_memory
 
 D, M = 1 << 22, 4096
 

@@ -4,7 +4,7 @@
     result = train(loss_fn, params, optimizer, batch_at, num_steps=1000, workdir=workdir,
                    checkpoint_every=200, eval_fn=evaluate, eval_every=200)
 
-* `batch_at(step) -> batch` must be a pure function of the step (see `experiments.data.batch_indices`),
+* `batch_at(step) -> batch` must be a pure function of the step (see `experiments.common.data.batch_indices`),
   so a resumed run sees exactly the batches the uninterrupted run would have seen.
 * Checkpoints `WORKDIR/checkpoints/ckpt_<step>.safetensors` hold every leaf of the params and the
   optimizer state, named by its PyTree path (`params['block_0']['mlp_in']['kernel']`, ...), plus
@@ -33,8 +33,8 @@ import safetensors.numpy
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from experiments import data as data_lib
-from experiments.workdir import Workdir, atomic_write_bytes
+from experiments.common import data as data_lib
+from experiments.common.workdir import Workdir, atomic_write_bytes
 
 PyTree = Any
 OPTIMIZERS = ("adam", "adamw", "sgd")

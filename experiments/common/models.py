@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments.tokenizers import minilm_dir, set_offline
+from experiments.common.tokenizers import minilm_dir, set_offline
 
 PyTree = Any
 TASKS = ("classification", "lm")

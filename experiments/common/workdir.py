@@ -5,6 +5,7 @@ half-written file behind, and `summary.json` only appears once a run has finishe
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -43,6 +44,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_npz(path: str, arrays: Mapping[str, Any]) -> None:
+    """np.savez of `arrays` (name -> array), written atomically (never a half-written store)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_text(path: str, text: str) -> None:
