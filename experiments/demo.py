@@ -44,6 +44,7 @@ import sketching  # noqa: E402
 from attribution.evaluate import first_relevant_ranks, retrieval_metrics  # noqa: E402
 from attribution.scorers import cosine_scores  # noqa: E402
 from sketching.gradients import flatten_per_example  # noqa: E402
+from experiments.common import config_checks as checks  # noqa: E402
 from experiments.common import models as models_lib  # noqa: E402
 from experiments.common import train as train_lib  # noqa: E402
 from experiments.tasks import planted_lm  # noqa: E402
@@ -65,29 +66,20 @@ def preconditioned_loss(loss_fn, params, scale):
 
 def validate_config(config) -> None:
     planted_lm.validate_config(config)
-    sketches = list(config.sketches)
-    if not sketches:
-        raise ValueError("config.sketches is empty; allowed values: a list from " + str(list(sketching.NAMES)))
-    for name in sketches:
-        if name not in sketching.NAMES:
-            raise ValueError(f"config.sketches has {name!r}; allowed values: {list(sketching.NAMES)}")
-    if isinstance(config.sketch_dim, bool) or not isinstance(config.sketch_dim, int) or config.sketch_dim < 1:
-        raise ValueError(f"config.sketch_dim must be a positive int, got {config.sketch_dim!r}")
-    if config.sketch_mode not in sketching.MODES:
-        raise ValueError(f"config.sketch_mode={config.sketch_mode!r}; allowed values: {list(sketching.MODES)}")
+    checks.names_from("config.sketches", config.sketches, sketching.NAMES)
+    checks.integer("config.sketch_dim", config.sketch_dim)
+    checks.one_of("config.sketch_mode", config.sketch_mode, sketching.MODES)
     ks = list(config.recall_ks)
-    if 10 not in ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-        raise ValueError(f"config.recall_ks must be positive ints including 10, got {ks!r}")
+    for k in ks:
+        checks.integer("config.recall_ks entry", k)
+    if 10 not in ks:
+        raise checks.ConfigError(f"config.recall_ks={ks!r} must include 10 (the headline recall@10)")
     for field in ("timing_repeats", "timing_warmup"):
-        value = config.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"config.{field} must be a positive int, got {value!r}")
-    if not config.timing_budget_s > 0:
-        raise ValueError(f"config.timing_budget_s must be > 0, got {config.timing_budget_s!r}")
-    if config.preconditioner not in PRECONDITIONERS:
-        raise ValueError(f"config.preconditioner={config.preconditioner!r}; allowed values: {list(PRECONDITIONERS)}")
+        checks.integer(f"config.{field}", config.get(field))
+    checks.number("config.timing_budget_s", config.timing_budget_s, low=0, low_open=True)
+    checks.one_of("config.preconditioner", config.preconditioner, PRECONDITIONERS)
     if config.preconditioner == "adam" and config.train.optimizer not in ("adam", "adamw"):
-        raise ValueError(f"config.preconditioner='adam' needs config.train.optimizer in ['adam', 'adamw'], "
+        raise checks.ConfigError(f"config.preconditioner='adam' needs config.train.optimizer in ['adam', 'adamw'], "
                          f"got {config.train.optimizer!r}")
 
 
@@ -165,6 +157,8 @@ def _report(config, summary: dict, num_params: int, ks: list[int]) -> str:
 
 def run(config, workdir: Workdir) -> dict:
     s = planted_lm.setup(config)
+    for name in config.sketches:  # the sketches' own constraints (e.g. powers of two), before training
+        checks.sketch_fits("config.sketch_dim", name, config.sketch_dim, s.params)
     result = planted_lm.train_model(config, workdir, s)
     params = result.params
     raw_loss_fn = models_lib.make_loss_fns(s.model).loss_fn

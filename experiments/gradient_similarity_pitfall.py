@@ -41,6 +41,7 @@ from attribution.decompose import per_layer_scores, per_token_gradients  # noqa:
 from attribution.evaluate import rank_of_relevant  # noqa: E402
 from attribution.scorers import cosine_scores, inverse_hvp  # noqa: E402
 from landscape import softmax_ggn_matvec, top_eigenvalue  # noqa: E402
+from experiments.common import config_checks as checks  # noqa: E402
 from experiments.common import data as data_lib  # noqa: E402
 from experiments.common import models as models_lib  # noqa: E402
 from experiments.common import train as train_lib  # noqa: E402
@@ -86,21 +87,14 @@ class Pair:
 # Config, data
 # ----------------------------------------------------------------------------------------------
 
-def _int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"config.{name} must be an int >= {low}, got {value!r}")
-
-
 def validate_config(config) -> None:
-    for section in ("data", "model", "train", "pair", "ekfac", "exact_if"):
-        if section not in config:
-            raise ValueError(f"config.{section} is missing")
+    checks.require_sections(config, ("data", "model", "train", "pair", "ekfac", "exact_if"))
     d = config.data
-    _int("data.num_subjects", d.num_subjects, 1)
+    checks.integer("config.data.num_subjects", d.num_subjects, 1)
     if d.num_subjects > len(SUBJECTS):
         raise ValueError(f"config.data.num_subjects={d.num_subjects} > {len(SUBJECTS)} available subjects")
     smallest = min(len(a) for _, a in CATEGORIES.values())
-    _int("data.answers_per_prompt", d.answers_per_prompt, 2)
+    checks.integer("config.data.answers_per_prompt", d.answers_per_prompt, 2)
     if d.answers_per_prompt > smallest:
         raise ValueError(f"config.data.answers_per_prompt={d.answers_per_prompt} > {smallest} answers per category")
     if not 0.0 < d.dot_fraction < 1.0:
@@ -110,33 +104,30 @@ def validate_config(config) -> None:
     cat = _prompt_category(config.pair.prompt)
     if config.pair.answer not in CATEGORIES[cat][1]:
         raise ValueError(f"config.pair.answer={config.pair.answer!r} is not a {cat} answer: {CATEGORIES[cat][1]}")
-    _int("max_len", config.max_len, 11)
-    _int("num_queries", config.num_queries, 1)
-    _int("chunk", config.chunk, 1)
+    checks.integer("config.max_len", config.max_len, 11)
+    checks.integer("config.num_queries", config.num_queries, 1)
+    checks.integer("config.chunk", config.chunk, 1)
     m = config.model
     for k in ("num_layers", "d_model", "num_heads", "mlp_ratio"):
-        _int(f"model.{k}", m[k], 1)
+        checks.integer(f"config.model.{k}", m[k], 1)
     models_lib.validate_model_config("transformer", {**m.to_dict(), "vocab_size": 1, "max_len": config.max_len})
     t = config.train
-    if t.optimizer not in train_lib.OPTIMIZERS:
-        raise ValueError(f"config.train.optimizer={t.optimizer!r}; allowed values: {list(train_lib.OPTIMIZERS)}")
-    if t.schedule not in train_lib.SCHEDULES:
-        raise ValueError(f"config.train.schedule={t.schedule!r}; allowed values: {list(train_lib.SCHEDULES)}")
-    _int("train.num_steps", t.num_steps, 0)
-    _int("train.batch_size", t.batch_size, 1)
-    _int("train.early_steps", t.early_steps, 0)
+    checks.one_of("config.train.optimizer", t.optimizer, train_lib.OPTIMIZERS)
+    checks.one_of("config.train.schedule", t.schedule, train_lib.SCHEDULES)
+    checks.integer("config.train.num_steps", t.num_steps, 0)
+    checks.integer("config.train.batch_size", t.batch_size, 1)
+    checks.integer("config.train.early_steps", t.early_steps, 0)
     if t.early_steps >= t.num_steps and t.early_steps:
         raise ValueError(f"config.train.early_steps={t.early_steps} must be < train.num_steps={t.num_steps} (0 = off)")
     n = d.num_subjects * len(CATEGORIES) * d.answers_per_prompt
     if t.batch_size > n:
         raise ValueError(f"config.train.batch_size={t.batch_size} > {n} training pairs")
-    if config.ekfac.labels not in ("sampled", "data"):
-        raise ValueError(f"config.ekfac.labels={config.ekfac.labels!r}; allowed values: ['sampled', 'data']")
+    checks.one_of("config.ekfac.labels", config.ekfac.labels, ("sampled", "data"))
     e = config.exact_if
     if not e.damping_rel > 0:
         raise ValueError(f"config.exact_if.damping_rel must be > 0, got {e.damping_rel!r}")
-    _int("exact_if.max_iters", e.max_iters, 1)
-    _int("exact_if.power_iters", e.power_iters, 1)
+    checks.integer("config.exact_if.max_iters", e.max_iters, 1)
+    checks.integer("config.exact_if.power_iters", e.power_iters, 1)
 
 
 def _all_prompts(num_subjects: int) -> list[str]:

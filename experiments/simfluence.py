@@ -27,29 +27,21 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from attribution import simfluence as sf  # noqa: E402
+from experiments.common import config_checks as checks  # noqa: E402
 from experiments.common import data as data_lib  # noqa: E402
 from experiments.common import models as models_lib  # noqa: E402
 from experiments.common.workdir import Workdir, atomic_write_text  # noqa: E402
 
 
-def _positive_int(config, field):
-    value = config.get(field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"config.{field} must be a positive int, got {value!r}")
-
-
 def validate_config(config) -> None:
     for field in ("num_train", "num_test", "num_steps", "batch_size", "num_runs", "num_heldout", "plot_examples"):
-        _positive_int(config, field)
+        checks.integer(f"config.{field}", config.get(field))
     if config.num_heldout >= config.num_runs:
         raise ValueError(f"config.num_heldout={config.num_heldout} must be < config.num_runs={config.num_runs}")
-    if config.model.name not in ("logreg", "mlp"):
-        raise ValueError(f"config.model.name={config.model.name!r}; allowed values: ['logreg', 'mlp']")
+    checks.one_of("config.model.name", config.model.name, ("logreg", "mlp"))
     if not config.learning_rate > 0 or not config.ridge > 0:
         raise ValueError("config.learning_rate and config.ridge must be > 0")
-    for v in config.variants:
-        if v not in sf.VARIANTS:
-            raise ValueError(f"config.variants has {v!r}; allowed values: {list(sf.VARIANTS)}")
+    checks.names_from("config.variants", config.variants, sf.VARIANTS)
 
 
 def _train_runs(config, quiet=False):

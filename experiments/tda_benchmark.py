@@ -61,6 +61,7 @@ from attribution.decompose import per_layer_scores  # noqa: E402
 from attribution.evaluate import lds, loo_correlation  # noqa: E402
 from attribution.index import build_index, params_hash, sketched_features_fn  # noqa: E402
 from configs.tda_benchmark import SCORERS, SKETCHES, TASKS  # noqa: E402
+from experiments.common import config_checks as checks  # noqa: E402
 from experiments.common import data as data_lib  # noqa: E402
 from experiments.common import models as models_lib  # noqa: E402
 from experiments.common import train as train_lib  # noqa: E402
@@ -80,26 +81,14 @@ PyTree = Any
 # Config validation
 # ----------------------------------------------------------------------------------------------
 
-def _subset(name: str, values, allowed) -> None:
-    values = tuple(values)
-    bad = [v for v in values if v not in allowed]
-    if not values or bad:
-        raise ValueError(f"config.{name}={values!r}; allowed values: non-empty subset of {list(allowed)}")
-
-
-def _positive_int(name: str, value, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"config.{name} must be an int >= {low}, got {value!r}")
-
-
 def validate_config(config) -> None:
-    _subset("tasks", config.tasks, TASKS)
-    _subset("scorers", config.scorers, SCORERS)
-    _subset("sketches", config.sketches, SKETCHES)
-    _subset("brittleness_scorers", config.brittleness_scorers, config.scorers)
-    _subset("layer_selection_sketches", config.layer_selection_sketches, SKETCHES)
+    checks.names_from("config.tasks", config.tasks, TASKS)
+    checks.names_from("config.scorers", config.scorers, SCORERS)
+    checks.names_from("config.sketches", config.sketches, SKETCHES)
+    checks.names_from("config.brittleness_scorers", config.brittleness_scorers, config.scorers)
+    checks.names_from("config.layer_selection_sketches", config.layer_selection_sketches, SKETCHES)
     for m in tuple(config.sketch_dims) + tuple(config.facts_sketch_dims):
-        _positive_int("sketch_dims[...]", m, 2)
+        checks.integer("config.sketch_dims[...]", m, 2)
     for name in ("sketch_dims", "facts_sketch_dims"):
         if config.sketch_dim not in tuple(config[name]):
             raise ValueError(f"config.sketch_dim={config.sketch_dim} must be one of {name}={tuple(config[name])}")
@@ -107,9 +96,9 @@ def validate_config(config) -> None:
         raise ValueError(f"config.cg_tol must be in (0, 1), got {config.cg_tol!r}")
     for name in ("tracin_checkpoints", "trak_models", "arnoldi_iters", "arnoldi_top", "cg_iters", "retrain_chunk",
                  "loo_examples", "layer_selection_m", "index_shard_size"):
-        _positive_int(name, config[name])
-    _positive_int("lds_subsets", config.lds_subsets, 2)
-    _positive_int("brittleness_queries", config.brittleness_queries, 0)
+        checks.integer(f"config.{name}", config[name])
+    checks.integer("config.lds_subsets", config.lds_subsets, 2)
+    checks.integer("config.brittleness_queries", config.brittleness_queries, 0)
     if config.facts_lds_subsets not in (0,) and (not isinstance(config.facts_lds_subsets, int) or config.facts_lds_subsets < 2):
         raise ValueError(f"config.facts_lds_subsets must be 0 (off) or an int >= 2, got {config.facts_lds_subsets!r}")
     if not 0 < config.lds_fraction < 1:
@@ -121,7 +110,7 @@ def validate_config(config) -> None:
             raise ValueError(f"config.if_damping.{task} must be >= 0, got {config.if_damping[task]!r}")
     d = config.digits
     for name in ("num_train", "num_queries", "num_steps"):
-        _positive_int(f"digits.{name}", d[name])
+        checks.integer(f"config.digits.{name}", d[name])
     if d.num_train > 1438 or d.num_queries > 359:
         raise ValueError(f"config.digits.num_train <= 1438 and num_queries <= 359 (the digits split), got "
                          f"{d.num_train}, {d.num_queries}")

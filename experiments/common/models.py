@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments.common import config_checks as checks
 from experiments.common.tokenizers import minilm_dir, set_offline
 
 PyTree = Any
@@ -290,18 +291,13 @@ _FIELDS = {
 
 
 def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"model.{name} must be a positive int, got {value!r}")
-    return value
+    return checks.integer(f"config.model.{name}", value)
 
 
 def validate_model_config(name: str, options: dict) -> None:
     """ValueError naming the field for an unknown model name, unknown options or bad sizes."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"model.name={name!r}; allowed values: {list(MODEL_NAMES)}")
-    unknown = sorted(set(options) - _FIELDS[name])
-    if unknown:
-        raise ValueError(f"model {name!r} got unknown fields {unknown}; allowed fields: {sorted(_FIELDS[name])}")
+    checks.one_of("config.model.name", name, MODEL_NAMES)
+    checks.check_fields("config.model", options, _FIELDS[name], context=f" of model {name!r}")
     for key in ("num_layers", "d_model", "num_heads", "max_len", "mlp_ratio", "vocab_size"):
         if key in options:
             _positive(key, options[key])

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import config_checks as checks
 from experiments.common import data as data_lib
 from experiments.common import models as models_lib
 from experiments.common import train as train_lib
@@ -29,21 +30,12 @@ _TRAIN_FIELDS = {"optimizer", "learning_rate", "schedule", "warmup_steps", "weig
 
 
 def validate_config(config) -> None:
-    for section in ("data", "model", "train"):
-        if section not in config:
-            raise ValueError(f"config.{section} is missing")
-    unknown = sorted(set(config.data) - _DATA_FIELDS)
-    if unknown:
-        raise ValueError(f"config.data has unknown fields {unknown}; allowed fields: {sorted(_DATA_FIELDS)}")
-    unknown = sorted(set(config.train) - _TRAIN_FIELDS)
-    if unknown:
-        raise ValueError(f"config.train has unknown fields {unknown}; allowed fields: {sorted(_TRAIN_FIELDS)}")
-    if config.data.name not in DATASETS:
-        raise ValueError(f"config.data.name={config.data.name!r}; allowed values: {list(DATASETS)}")
-    allowed = _MODELS_FOR[config.data.name]
-    if config.model.name not in allowed:
-        raise ValueError(f"config.model.name={config.model.name!r} with data {config.data.name!r}; "
-                         f"allowed values: {list(allowed)}")
+    checks.require_sections(config, ("data", "model", "train"))
+    checks.check_fields("config.data", config.data, _DATA_FIELDS)
+    checks.check_fields("config.train", config.train, _TRAIN_FIELDS)
+    checks.one_of("config.data.name", config.data.name, DATASETS)
+    checks.one_of(f"config.model.name (with config.data.name={config.data.name!r})", config.model.name,
+                  _MODELS_FOR[config.data.name])
     options = _model_options(config, vocab_size=1)
     models_lib.validate_model_config(config.model.name, options)
     if config.model.name == "pretrained" and options["task"] != "classification":

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import config_checks as checks
 from experiments.common import data as data_lib
 from experiments.common import models as models_lib
 from experiments.common import train as train_lib
@@ -28,24 +29,14 @@ _TRAIN_FIELDS = {"optimizer", "learning_rate", "schedule", "warmup_steps", "weig
                  "batch_size", "checkpoint_every", "eval_every", "log_every"}
 
 
-def _check_fields(section: str, given, allowed: set[str]) -> None:
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise ValueError(f"config.{section} has unknown fields {unknown}; allowed fields: {sorted(allowed)}")
-
-
 def validate_config(config) -> None:
     """ValueError naming the field for anything the run would reject later (checked before any work)."""
-    for section in ("data", "model", "train"):
-        if section not in config:
-            raise ValueError(f"config.{section} is missing")
-    _check_fields("data", config.data, _DATA_FIELDS)
-    _check_fields("train", config.train, _TRAIN_FIELDS)
-    if config.data.order not in data_lib.ORDERS:
-        raise ValueError(f"config.data.order={config.data.order!r}; allowed values: {list(data_lib.ORDERS)}")
+    checks.require_sections(config, ("data", "model", "train"))
+    checks.check_fields("config.data", config.data, _DATA_FIELDS)
+    checks.check_fields("config.train", config.train, _TRAIN_FIELDS)
+    checks.one_of("config.data.order", config.data.order, data_lib.ORDERS)
     model = config.model.to_dict()
-    if model.get("name") != "transformer":
-        raise ValueError(f"config.model.name={model.get('name')!r}; allowed values: ['transformer']")
+    checks.one_of("config.model.name", model.get("name"), ["transformer"])
     model.pop("name")
     for derived in ("vocab_size", "max_len"):
         if derived in model:
