@@ -64,7 +64,7 @@ from sketching.base import Sketch, SketchState
 from sketching.gradients import MODES, sketch_per_example_gradients
 
 __all__ = [
-    "FORMAT", "VERSION", "STORAGE_DTYPES", "SCORES", "REQUIRED_META", "SCORE_TILE",
+    "FORMAT", "VERSION", "STORAGE_DTYPES", "SCORES", "REQUIRED_META", "TILE_ELEMENTS", "score_tile_rows",
     "params_hash", "IndexMismatchError", "IndexIncompleteError", "IndexRepairWarning", "CorruptArtifactError",
     "GradientIndex", "build_index", "sketched_features_fn", "top_k",
 ]
@@ -83,7 +83,7 @@ REQUIRED_META = ("sketch", "m", "checkpoint")
 TIMESTAMP_FIELDS = ("created_utc", "completed_utc")
 FINGERPRINT_FIELDS = ("format", "version", "meta", "num_examples", "dim", "shard_size", "dtype", "example_ids_sha256")
 DEFAULT_ARRAY_BLOCK = 4096
-SCORE_TILE = 256  # rows per matrix product in top_k, aligned to global row multiples (bit-identical blocking)
+TILE_ELEMENTS = 1 << 22  # top_k multiplies tiles of about this many stored values (16 MiB of float32)
 
 PyTree = Any
 FeaturesFn = Callable[[np.ndarray], np.ndarray]
@@ -785,6 +785,12 @@ def _aligned_tiles(blocks: Iterator[tuple[int, np.ndarray]], tile: int) -> Itera
         yield tile_start, np.concatenate(pending)
 
 
+def score_tile_rows(num_rows: int, dim: int) -> int:
+    """Rows per `top_k` tile: min(N, clip(TILE_ELEMENTS // m, 16, 65536)). A function of (N, m) only,
+    never of the block or shard size, so every layout of the same rows is cut into the same tiles."""
+    return int(min(num_rows, max(16, min(65536, TILE_ELEMENTS // max(dim, 1)))))
+
+
 def _tile_products(q: np.ndarray, rows: np.ndarray, tile: int) -> np.ndarray:
     """q @ rowsᵀ computed as one (Q, m) × (m, tile) product (rows zero-padded to `tile`): every
     product call has the same shapes, so entry (i, j) is the same float whatever the blocking of
@@ -839,12 +845,12 @@ def top_k(
     form ⟨Pq, t⟩ with the queries preconditioned once by P before calling top_k).
 
     Streams the index (GradientIndex.iter_blocks, default one shard per block) or an (N, m) array
-    (or np.memmap; default blocks of 4096 rows); memory is O(Q·(k + block + SCORE_TILE) + (block +
-    SCORE_TILE)·m). Scores are computed and returned in float32 for a GradientIndex (whatever its
+    (or np.memmap; default blocks of 4096 rows); memory is O(Q·(k + block + T) + (block + T)·m) with T
+    = `score_tile_rows(N, m)` (T·m ≤ max(TILE_ELEMENTS, 16m)). Scores are computed and returned in float32 for a GradientIndex (whatever its
     storage dtype), and in result_type(float32, array dtype) for arrays (a callable's output is cast
     to that dtype). `indices` are row positions; map them to ids with `index.example_ids[indices]`.
 
-    Determinism: the stream is re-cut into tiles of SCORE_TILE rows aligned to global row multiples,
+    Determinism: the stream is re-cut into tiles of T rows aligned to global row multiples,
     and "dot"/"cosine" compute every tile with one product of fixed shape, so for given queries the
     result is bit-identical for every `block_size`, shard size and process layout (one index, a
     merged distributed index, or the array of its rows); a callable gets the same aligned tiles.
@@ -891,18 +897,19 @@ def top_k(
 
     best_s = np.empty((num_q, 0), q.dtype)
     best_i = np.empty((num_q, 0), np.int64)
-    for start, rows in _aligned_tiles(blocks, SCORE_TILE):
+    tile = score_tile_rows(num, dim)
+    for start, rows in _aligned_tiles(blocks, tile):
         rows = rows.astype(q.dtype, copy=False)
         finite = np.all(np.isfinite(rows), axis=1)
         if not finite.all():
             raise ValueError(f"training row {start + int(np.nonzero(~finite)[0][0])} holds non-finite values")
         if score == "dot":
-            s = _tile_products(q, rows, SCORE_TILE)
+            s = _tile_products(q, rows, tile)
         elif score == "cosine":
             # ⟨q, t⟩ / (‖q‖‖t‖): norms are per row, products per fixed-shape tile, so rows whose
             # inner products are exactly equal (e.g. duplicates) tie exactly in every block layout.
             denominator = q_norm * np.linalg.norm(rows, axis=1)[None, :]
-            s = np.divide(_tile_products(q, rows, SCORE_TILE), denominator,
+            s = np.divide(_tile_products(q, rows, tile), denominator,
                           out=np.zeros((num_q, rows.shape[0]), q.dtype), where=denominator > 0)
         else:
             s = np.asarray(score(q, rows))

@@ -204,7 +204,11 @@ def test_top_k_refuses_non_finite_queries_and_rows(score):
         top_k(train, np.ones((2, 4)), 2, score=score)
 
 
-def test_top_k_is_bit_identical_for_every_block_size_and_shard_size(tmp_path):
+@pytest.mark.parametrize("tile_rows", [None, 100])
+def test_top_k_is_bit_identical_for_every_block_size_and_shard_size(tmp_path, monkeypatch, tile_rows):
+    if tile_rows is not None:  # many tiles (the default cuts these 1000 rows into one)
+        monkeypatch.setattr(index_module, "TILE_ELEMENTS", 33 * tile_rows)
+        assert index_module.score_tile_rows(1000, 33) == tile_rows
     rng = np.random.default_rng(3)
     rows, m = 1000, 33
     data = rng.normal(size=(rows, m)).astype(np.float32) * rng.lognormal(size=(rows, 1)).astype(np.float32)
