@@ -1,0 +1,1 @@
+"""Repository tools (not installed): the import-graph check and figure."""
