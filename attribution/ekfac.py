@@ -29,16 +29,23 @@ decomposes into layers and, since `∇_ℓ L(z_m) = Σ_t x̃_t δ_tᵀ`, into to
 per-token contribution `rowsum((X̃ P_q) ⊙ Δ)`.
 
 Fitting streams batches (tqdm bar), accumulates in float64 and, when a folder is given, saves its
-state atomically (temp file + `os.replace`, `.npz` without pickle) every `save_every` batches, so a
-killed fit resumes where it stopped; a rerun with other settings raises `ValueError`.
+state atomically (`artifacts.atomic_write_npz`: temp file + `os.replace`, no pickle) every `save_every`
+batches, so a killed fit resumes where it stopped. The fit's fingerprint (`meta`: layers, task,
+labels, samples, seed, damping, number of batches, plus `params_sha256` = `artifacts.tree_digest(params)`
+and `data_sha256`, a digest of every batch's arrays) is stored in the factors and in the partial
+state; a rerun into the same folder with other parameters, other data or other settings raises
+`artifacts.FingerprintMismatchError` (a ValueError) naming the differing fields. An unreadable
+(corrupt, truncated, empty) state or factors file is named in a warning and recomputed.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
+import hashlib
 import json
 import os
 import re
+import warnings
+import zipfile
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -47,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from attribution.index import atomic_write_bytes
+import artifacts
 
 __all__ = [
     "TASKS", "LABELS", "METHODS", "DEFAULT_LAYERS", "DEFAULT_DAMPING_FACTOR",
@@ -296,7 +303,7 @@ class EKFACFactors:
 
     def save(self, folder: str) -> str:
         """Writes `folder/ekfac_factors.npz` atomically (arrays keyed '<path>::<name>', meta as JSON)."""
-        arrays = {"meta": np.array(json.dumps(self.meta, sort_keys=True)),
+        arrays = {"meta": np.array(artifacts.dumps(self.meta, indent=None)),
                   "layers": np.array(json.dumps({p: dataclasses.asdict(i) for p, i in self.layers.items()}))}
         for p, f in self.factors.items():
             for name in ("A", "S", "Q_A", "eig_A", "Q_S", "eig_S", "Lambda"):
@@ -308,22 +315,52 @@ class EKFACFactors:
 
     @classmethod
     def load(cls, folder: str) -> "EKFACFactors":
-        with np.load(os.path.join(folder, FACTORS_FILE), allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            layers = {p: LayerInfo(**d) for p, d in json.loads(str(z["layers"])).items()}
-            factors = {}
-            for p in layers:
-                kw = {n: np.asarray(z[f"{p}::{n}"]) for n in ("A", "S", "Q_A", "eig_A", "Q_S", "eig_S", "Lambda")}
-                factors[p] = LayerFactors(**kw, damping=float(z[f"{p}::damping"]))
+        """Reads `folder/ekfac_factors.npz`; `artifacts.CorruptArtifactError` naming the file when it is
+        empty, truncated or fails its zip CRC-32 checks (every member is read in full)."""
+        file = os.path.join(folder, FACTORS_FILE)
+        try:
+            with np.load(file, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                layers = {p: LayerInfo(**d) for p, d in json.loads(str(z["layers"])).items()}
+                factors = {}
+                for p in layers:
+                    kw = {n: np.asarray(z[f"{p}::{n}"]) for n in ("A", "S", "Q_A", "eig_A", "Q_S", "eig_S", "Lambda")}
+                    factors[p] = LayerFactors(**kw, damping=float(z[f"{p}::damping"]))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as error:
+            raise artifacts.CorruptArtifactError(file, f"EK-FAC factors file {file} is unreadable or corrupt "
+                                                       f"({type(error).__name__}: {error})") from None
         return cls(layers, factors, meta)
 
 
 def _atomic_savez(file: str, arrays: Mapping[str, np.ndarray]) -> None:
-    """np.savez into memory, then the index's atomic writer (temp file, fsync, rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write_bytes(file, buffer.getvalue())
+    """`artifacts.atomic_write_npz` (temp file, fsync, rename; no pickle)."""
+    artifacts.atomic_write_npz(file, arrays)
+
+
+def _read_state(file: str) -> tuple[dict, dict, dict]:
+    """(meta, {"phase", "next"}, sums) of a partial fit; CorruptArtifactError naming an unreadable file."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            state = {"phase": int(z["phase"]), "next": int(z["next"])}
+            sums = {k: np.asarray(z[k]) for k in z.files if k not in ("meta", "phase", "next")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError) as error:
+        raise artifacts.CorruptArtifactError(file, f"EK-FAC partial state {file} is unreadable or corrupt "
+                                                   f"({type(error).__name__}: {error})") from None
+    return meta, state, sums
+
+
+def data_digest(batches: Sequence[Any]) -> str:
+    """sha256 (hex) over `artifacts.tree_digest` of every batch, in order (iterates `batches` once)."""
+    h = hashlib.sha256()
+    count = 0
+    for batch in batches:
+        h.update(artifacts.tree_digest(batch).encode())
+        count += 1
+    h.update(f"|{count}".encode())
+    return h.hexdigest()
 
 
 def _sample_labels(key: jax.Array, logits: jax.Array, task: str) -> jax.Array:
@@ -388,10 +425,12 @@ def _make_stats_fns(apply_fn, layers, task, labels_mode, num_samples):
     return jax.jit(covariance), jax.jit(eigen_correction)
 
 
-def _fit_meta(layers, task, labels_mode, num_samples, num_batches, seed, damping, damping_factor) -> dict:
+def _fit_meta(layers, task, labels_mode, num_samples, num_batches, seed, damping, damping_factor,
+              params_sha256, data_sha256) -> dict:
     return {"layers": sorted(layers), "task": task, "labels": labels_mode, "num_samples": int(num_samples),
             "num_batches": int(num_batches), "seed": int(seed),
-            "damping": None if damping is None else float(damping), "damping_factor": float(damping_factor)}
+            "damping": None if damping is None else float(damping), "damping_factor": float(damping_factor),
+            "params_sha256": params_sha256, "data_sha256": data_sha256}
 
 
 def fit_ekfac(apply_fn: ApplyFn, params: PyTree, batches: Sequence[dict], *, task: str,
@@ -403,7 +442,8 @@ def fit_ekfac(apply_fn: ApplyFn, params: PyTree, batches: Sequence[dict], *, tas
     G23), 'exact' (expectation over all classes weighted by p; classification only — for tests) or
     'data' (empirical Fisher; not the GGN). Damping per layer: `damping` if given, else
     `damping_factor × mean(Λ_ℓ)`. With `folder`, progress is checkpointed every `save_every` batches
-    and a rerun resumes (or just loads the finished factors)."""
+    and a rerun resumes (or just loads the finished factors) when its fingerprint (settings, parameter
+    hash, data digest) matches; otherwise `artifacts.FingerprintMismatchError` names the fields."""
     _check_task(task)
     if labels not in LABELS:
         raise ValueError(f"labels={labels!r}; allowed values: {list(LABELS)}")
@@ -411,9 +451,9 @@ def fit_ekfac(apply_fn: ApplyFn, params: PyTree, batches: Sequence[dict], *, tas
         raise ValueError("labels='exact' needs task='classification' (the vocabulary sum is too large for 'lm')")
     if int(num_samples) < 1:
         raise ValueError(f"num_samples={num_samples}; must be a positive integer")
-    if damping is not None and damping < 0:
+    if damping is not None and not damping >= 0:
         raise ValueError(f"damping={damping}; must be >= 0 or None (then damping_factor × mean(Λ))")
-    if damping_factor < 0:
+    if not damping_factor >= 0:
         raise ValueError(f"damping_factor={damping_factor}; must be >= 0")
     if len(batches) == 0:
         raise ValueError("batches is empty")
@@ -422,22 +462,29 @@ def fit_ekfac(apply_fn: ApplyFn, params: PyTree, batches: Sequence[dict], *, tas
     from tqdm.auto import tqdm
 
     infos = find_layers(apply_fn, params, batches[0], layers)
-    meta = _fit_meta(infos, task, labels, num_samples, len(batches), seed, damping, damping_factor)
+    meta = _fit_meta(infos, task, labels, num_samples, len(batches), seed, damping, damping_factor,
+                     artifacts.tree_digest(params), data_digest(batches) if folder is not None else None)
+    hint = "use another folder, or delete it to refit"
     if folder is not None and os.path.exists(os.path.join(folder, FACTORS_FILE)):
-        done = EKFACFactors.load(folder)
-        if done.meta != meta:
-            raise ValueError(f"{folder} holds EK-FAC factors fitted with {done.meta}, not {meta}")
-        return done
+        try:
+            done = EKFACFactors.load(folder)
+        except artifacts.CorruptArtifactError as error:
+            warnings.warn(f"{error}; refitting", RuntimeWarning, stacklevel=2)
+            os.remove(os.path.join(folder, FACTORS_FILE))
+        else:
+            artifacts.check_fields(os.path.abspath(folder), done.meta, meta, what="EK-FAC fit", hint=hint)
+            return done
 
     state = {"phase": 0, "next": 0}
     sums: dict[str, np.ndarray] = {}
     if folder is not None and os.path.exists(os.path.join(folder, STATE_FILE)):
-        with np.load(os.path.join(folder, STATE_FILE), allow_pickle=False) as z:
-            old_meta = json.loads(str(z["meta"]))
-            if old_meta != meta:
-                raise ValueError(f"{folder} holds a partial EK-FAC fit with {old_meta}, not {meta}")
-            state = {"phase": int(z["phase"]), "next": int(z["next"])}
-            sums = {k: np.asarray(z[k]) for k in z.files if k not in ("meta", "phase", "next")}
+        try:
+            old_meta, old_state, old_sums = _read_state(os.path.join(folder, STATE_FILE))
+        except artifacts.CorruptArtifactError as error:
+            warnings.warn(f"{error}; starting the fit over", RuntimeWarning, stacklevel=2)
+        else:
+            artifacts.check_fields(os.path.abspath(folder), old_meta, meta, what="partial EK-FAC fit", hint=hint)
+            state, sums = old_state, old_sums
 
     def checkpoint():
         if folder is not None:

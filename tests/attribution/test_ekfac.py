@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import artifacts
 from attribution import ekfac
 from experiments.common.models import build_model, make_loss_fns
 
@@ -192,7 +193,7 @@ def test_resume_after_interrupt_gives_same_factors(tmp_path, stop):
         for name in ("A", "S", "Lambda"):
             np.testing.assert_allclose(getattr(got.factors[p], name), getattr(ref.factors[p], name), rtol=1e-6, atol=1e-9)
             np.testing.assert_array_equal(getattr(again.factors[p], name), getattr(got.factors[p], name))
-    with pytest.raises(ValueError, match="fitted with"):
+    with pytest.raises(ValueError, match=r"different settings \(seed\)"):
         ekfac.fit_ekfac(model.apply, params, batches, folder=folder, **{**kw, "seed": 8})
 
 
@@ -254,3 +255,67 @@ def test_influence_correlates_with_exact_gauss_newton_if(x64):
         corr[name] = float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(s, exact)]))
     print("Pearson with exact damped-GGN influence:", corr)
     assert corr["ekfac"] > corr["gradient_dot"] + 0.1 and corr["ekfac"] >= corr["kfac"] - 0.01
+
+
+def _small_fit_problem():
+    model, params, _ = _mlp(8)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    rng = np.random.default_rng(4)
+    batches = [{"x": jnp.asarray(rng.normal(size=(8, IN)), jnp.float32), "y": jnp.asarray(rng.integers(0, 3, 8))}
+               for _ in range(3)]
+    return model, params, batches, dict(task="classification", layers=(".*",), progress=False, seed=1)
+
+
+def test_cached_factors_are_refused_for_other_parameters_or_other_data(tmp_path):
+    """The cache key holds the parameter hash and a digest of the data: refitting into a folder fitted
+    at other parameters or on other batches is refused, naming the field, never silently reused."""
+    model, params, batches, kw = _small_fit_problem()
+    folder = str(tmp_path / "f")
+    ekfac.fit_ekfac(model.apply, params, batches, folder=folder, **kw)
+    moved = jax.tree_util.tree_map(lambda a: a + 1e-3, params)
+    with pytest.raises(artifacts.FingerprintMismatchError) as info:
+        ekfac.fit_ekfac(model.apply, moved, batches, folder=folder, **kw)
+    assert list(info.value.fields) == ["params_sha256"]
+    other = [dict(b, x=b["x"] * 2.0) for b in batches]
+    with pytest.raises(artifacts.FingerprintMismatchError) as info:
+        ekfac.fit_ekfac(model.apply, params, other, folder=folder, **kw)
+    assert list(info.value.fields) == ["data_sha256"]
+    # The same inputs reuse the factors.
+    again = ekfac.fit_ekfac(model.apply, params, batches, folder=folder, **kw)
+    assert again.meta["params_sha256"] == artifacts.tree_digest(params)
+
+
+def test_partial_state_of_other_data_is_refused(tmp_path):
+    model, params, batches, kw = _small_fit_problem()
+    folder = str(tmp_path / "f")
+    with pytest.raises(KeyboardInterrupt):
+        ekfac.fit_ekfac(model.apply, params, _Interrupting(batches, 2), folder=folder, save_every=1, **kw)
+    assert os.path.exists(os.path.join(folder, ekfac.STATE_FILE))
+    other = [dict(b, x=b["x"] + 1.0) for b in batches]
+    with pytest.raises(artifacts.FingerprintMismatchError, match="partial EK-FAC fit.*data_sha256"):
+        ekfac.fit_ekfac(model.apply, params, other, folder=folder, **kw)
+
+
+@pytest.mark.parametrize("which", ["factors", "state"])
+def test_corrupt_or_empty_cache_files_are_named_and_recomputed(tmp_path, which):
+    model, params, batches, kw = _small_fit_problem()
+    ref = ekfac.fit_ekfac(model.apply, params, batches, **kw)
+    folder = str(tmp_path / "f")
+    if which == "factors":
+        ekfac.fit_ekfac(model.apply, params, batches, folder=folder, **kw)
+        file = os.path.join(folder, ekfac.FACTORS_FILE)
+        data = bytearray(open(file, "rb").read())
+        data[len(data) // 2] ^= 0xFF  # inside an array member: caught by the zip CRC-32
+        open(file, "wb").write(bytes(data))
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            ekfac.fit_ekfac(model.apply, params, _Interrupting(batches, 1), folder=folder, save_every=1, **kw)
+        file = os.path.join(folder, ekfac.STATE_FILE)
+        open(file, "wb").close()  # 0 bytes
+    with pytest.raises(artifacts.CorruptArtifactError, match=os.path.basename(file)):
+        (ekfac.EKFACFactors.load(folder) if which == "factors" else ekfac._read_state(file))
+    with pytest.warns(RuntimeWarning, match=os.path.basename(file)):
+        got = ekfac.fit_ekfac(model.apply, params, batches, folder=folder, **kw)
+    for p in ref.factors:
+        np.testing.assert_allclose(got.factors[p].Lambda, ref.factors[p].Lambda, rtol=1e-6, atol=1e-12)
+    ekfac.EKFACFactors.load(folder)  # rewritten whole
