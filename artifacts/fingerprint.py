@@ -36,10 +36,20 @@ class FingerprintMismatchError(ValueError):
     def __init__(self, path: str, fields: Mapping[str, tuple[Any, Any]], what: str = "artifact", hint: str = ""):
         self.path = path
         self.fields = dict(fields)
-        lines = [f"  {name}: {old!r} (on disk) vs {new!r} (requested)" for name, (old, new) in self.fields.items()]
+        lines = [f"  {name}: {_short(old)} (on disk) vs {_short(new)} (requested)"
+                 for name, (old, new) in list(self.fields.items())[:20]]
+        if len(self.fields) > 20:
+            lines.append(f"  ... and {len(self.fields) - 20} more")
+        names = list(self.fields)
+        listed = ", ".join(names[:10]) + (f", ... ({len(names)} fields)" if len(names) > 10 else "")
         super().__init__(
-            f"the {what} at {path} was made with different settings ({', '.join(self.fields)}); refusing to "
+            f"the {what} at {path} was made with different settings ({listed}); refusing to "
             f"reuse it ({hint or 'use another folder, or delete it to recompute'}):\n" + "\n".join(lines))
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + " ...]"
 
 
 def normalise(fields: Mapping[str, Any]) -> dict:
@@ -65,7 +75,13 @@ def digest(fields: Mapping[str, Any]) -> str:
 
 def diff_fields(old: Any, new: Any, _where: str = "") -> dict[str, tuple[Any, Any]]:
     """{dotted field: (old, new)} for every leaf that differs; nested mappings are compared field by
-    field, a field present on one side only shows "<absent>" on the other."""
+    field (and lists of equal length item by item, "a[3]"), a field present on one side only shows
+    "<absent>" on the other."""
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = {}
+        for i, (a, b) in enumerate(zip(old, new)):
+            out.update(diff_fields(a, b, f"{_where}[{i}]"))
+        return out
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out: dict[str, tuple[Any, Any]] = {}
         for key in sorted(set(old) | set(new), key=str):

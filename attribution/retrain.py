@@ -5,12 +5,17 @@ subsets S_r ⊂ {1..N}, given as indicator rows `masks[r]` ∈ {0, 1}^N, and rec
 run (e.g. the query losses f_q(θ_{S_r}) and margins). Retraining dominates the cost, so every outcome is
 stored on disk as soon as it exists:
 
-    <path>/manifest.json           fingerprint of the experiment + sha256 of the masks
-    <path>/run-000017.npy          outcome of run 17 (float64, allow_pickle=False), atomic write
+    <path>/manifest.json           fingerprint of the experiment + sha256 of the masks (strict JSON)
+    <path>/run-000017.npz          outcome of run 17 (float64), with the run number, the sha256 of its
+                                   mask row and the manifest's digest; atomic write, no pickle
 
 `retrain_outcomes` computes only the runs whose file is missing (a killed evaluation resumes where it
 stopped; a finished one is free to rerun) and refuses a folder built for other masks or another
-fingerprint (model, data, optimiser, seed), naming the fields that differ.
+fingerprint (model, data, optimiser, seed), naming the fields that differ (the `artifacts`
+fingerprint rule; the fingerprint must be JSON data: arrays are stored in full, never as a
+truncated `str`). A run file is reused only if it reads back whole (zip CRC-32 of every member) and
+names this run, this mask and this manifest; an empty, corrupt or foreign run file is named in a
+warning and retrained.
 
 Subset generators (Park et al. 2023 §2.2; Koh & Liang 2017; Ilyas et al. 2022 "brittleness"):
 - `random_subset_masks`: R subsets of exactly round(αN) examples (α = 0.5 by default),
@@ -20,20 +25,22 @@ Subset generators (Park et al. 2023 §2.2; Koh & Liang 2017; Ilyas et al. 2022 "
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import warnings
+import zipfile
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from attribution.index import atomic_write_bytes, atomic_write_npy
+import artifacts
 
 __all__ = ["RetrainMismatchError", "random_subset_masks", "leave_one_out_masks", "top_k_removal_masks",
            "retrain_outcomes"]
 
 
-class RetrainMismatchError(ValueError):
-    """The retraining folder was built for other masks or another experiment fingerprint."""
+class RetrainMismatchError(artifacts.FingerprintMismatchError):
+    """The retraining folder was built for other masks or another experiment fingerprint; `.fields`
+    maps each differing field (e.g. "fingerprint.model", "masks_sha256") to (on disk, requested)."""
 
 
 def random_subset_masks(num_examples: int, num_subsets: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -81,21 +88,35 @@ def _masks_digest(masks: np.ndarray) -> str:
 
 
 def _run_file(path: str, r: int) -> str:
-    return os.path.join(path, f"run-{r:06d}.npy")
+    return os.path.join(path, f"run-{r:06d}.npz")
 
 
 def _check_manifest(path: str, manifest: dict) -> None:
     file = os.path.join(path, "manifest.json")
     if os.path.exists(file):
-        with open(file) as f:
-            old = json.load(f)
-        differ = {k: (old.get(k), manifest.get(k)) for k in sorted(set(old) | set(manifest)) if old.get(k) != manifest.get(k)}
+        old = artifacts.read_json(file)
+        differ = artifacts.diff_fields(old, manifest)
         if differ:
-            lines = "; ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in differ.items())
-            raise RetrainMismatchError(f"retraining folder {path} was built for another setup ({lines}); "
-                                       "use another folder or delete it")
+            raise RetrainMismatchError(os.path.abspath(path), differ, "retraining folder",
+                                       "use another folder, or delete it to retrain")
     else:
-        atomic_write_bytes(file, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        artifacts.atomic_write_json(file, manifest)
+
+
+def _read_run(file: str, r: int, mask_sha256: str, manifest_digest: str) -> tuple[np.ndarray | None, str]:
+    """(outcome, "") for a whole run file of this run / mask / manifest, else (None, why not)."""
+    if not os.path.exists(file):
+        return None, ""
+    if os.path.getsize(file) == 0:
+        return None, "empty (0 bytes)"
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            record = {k: np.asarray(z[k]) for k in ("outcome", "run", "mask_sha256", "manifest")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        return None, f"unreadable or corrupt ({type(error).__name__}: {error})"
+    if int(record["run"]) != r or str(record["mask_sha256"]) != mask_sha256 or str(record["manifest"]) != manifest_digest:
+        return None, "written for another run, mask or manifest"
+    return record["outcome"], ""
 
 
 def retrain_outcomes(path: str, masks: np.ndarray, train_and_evaluate: Callable[[np.ndarray], np.ndarray], *,
@@ -114,11 +135,24 @@ def retrain_outcomes(path: str, masks: np.ndarray, train_and_evaluate: Callable[
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     os.makedirs(path, exist_ok=True)
-    manifest = {"fingerprint": json.loads(json.dumps(dict(fingerprint), sort_keys=True, default=str)),
+    manifest = {"fingerprint": artifacts.normalise(dict(fingerprint)), "format": 2,
                 "masks_sha256": _masks_digest(masks), "num_runs": int(masks.shape[0]),
                 "num_examples": int(masks.shape[1])}
     _check_manifest(path, manifest)
-    missing = [r for r in range(len(masks)) if not os.path.exists(_run_file(path, r))]
+    manifest_digest = artifacts.digest(manifest)
+    row_digests = [_masks_digest(row[None]) for row in masks]
+    outcomes_on_disk: dict[int, np.ndarray] = {}
+    bad = []
+    for r in range(len(masks)):
+        outcome, why = _read_run(_run_file(path, r), r, row_digests[r], manifest_digest)
+        if outcome is not None:
+            outcomes_on_disk[r] = outcome
+        elif why:
+            bad.append(f"{os.path.basename(_run_file(path, r))}: {why}")
+    if bad:
+        warnings.warn(f"retraining folder {os.path.abspath(path)}: retraining {len(bad)} run(s) whose files cannot "
+                      f"be reused: {'; '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}", RuntimeWarning, stacklevel=2)
+    missing = [r for r in range(len(masks)) if r not in outcomes_on_disk]
     chunks = [missing[i:i + chunk_size] for i in range(0, len(missing), chunk_size)]
     if chunks:
         from tqdm.auto import tqdm
@@ -129,7 +163,11 @@ def retrain_outcomes(path: str, masks: np.ndarray, train_and_evaluate: Callable[
             if outcomes.shape[0] != len(chunk):
                 raise ValueError(f"train_and_evaluate returned {outcomes.shape[0]} outcomes for {len(chunk)} masks")
             for r, outcome in zip(chunk, outcomes):
-                atomic_write_npy(_run_file(path, r), np.asarray(outcome, dtype=np.float64))
+                outcome = np.asarray(outcome, dtype=np.float64)
+                artifacts.atomic_write_npz(_run_file(path, r), {
+                    "outcome": outcome, "run": np.int64(r), "mask_sha256": np.array(row_digests[r]),
+                    "manifest": np.array(manifest_digest)})
+                outcomes_on_disk[r] = outcome
             bar.update(len(chunk))
         bar.close()
-    return np.stack([np.load(_run_file(path, r), allow_pickle=False) for r in range(len(masks))])
+    return np.stack([outcomes_on_disk[r] for r in range(len(masks))])

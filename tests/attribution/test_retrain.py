@@ -1,8 +1,18 @@
-"""Retraining cache: resumable after an interruption, refuses other masks or setups; mask generators."""
+"""Retraining cache: resumable after an interruption (also SIGKILL), refuses other masks or setups,
+retrains corrupt run files; mask generators."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
 from attribution import retrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _fake_training(calls):
@@ -56,3 +66,71 @@ def test_mask_generators():
         retrain.random_subset_masks(10, 2, 1.0)
     with pytest.raises(ValueError, match="every k"):
         retrain.top_k_removal_masks(scores, [4])
+
+
+def test_fingerprint_arrays_are_compared_in_full(tmp_path):
+    """A fingerprint holding arrays used to be stored as their truncated str(), so two different large
+    arrays looked equal; now arrays are stored as JSON lists and compared element by element."""
+    masks = retrain.random_subset_masks(10, 2, seed=0)
+    a = np.zeros(2000)
+    b = a.copy()
+    b[1000] = 1.0  # str(a) == str(b): numpy elides the middle
+    assert str(a) == str(b)
+    retrain.retrain_outcomes(str(tmp_path), masks, _fake_training([]), fingerprint={"init": a})
+    with pytest.raises(retrain.RetrainMismatchError, match=r"fingerprint.init\[1000\]"):
+        retrain.retrain_outcomes(str(tmp_path), masks, _fake_training([]), fingerprint={"init": b})
+    with pytest.raises(ValueError, match="JSON"):
+        retrain.retrain_outcomes(str(tmp_path / "x"), masks, _fake_training([]), fingerprint={"f": object()})
+
+
+def test_empty_corrupt_or_swapped_run_files_are_named_and_retrained(tmp_path):
+    masks = retrain.random_subset_masks(10, 6, seed=2)
+    fn = _fake_training([])
+    want = retrain.retrain_outcomes(str(tmp_path), masks, fn, fingerprint={"m": 1})
+    runs = sorted(p for p in os.listdir(tmp_path) if p.startswith("run-"))
+    assert runs == [f"run-{r:06d}.npz" for r in range(6)]
+    open(tmp_path / runs[1], "wb").close()
+    data = bytearray((tmp_path / runs[2]).read_bytes())
+    at = bytes(data).index(np.asarray(want[2], np.float64).tobytes())  # a flipped bit in the outcome's bytes
+    data[at + 3] ^= 0x01
+    (tmp_path / runs[2]).write_bytes(bytes(data))
+    shutil.copy(tmp_path / runs[0], tmp_path / runs[4])  # a valid file of another run
+    calls = []
+    with pytest.warns(RuntimeWarning) as record:
+        got = retrain.retrain_outcomes(str(tmp_path), masks, _fake_training(calls), fingerprint={"m": 1}, chunk_size=1)
+    message = str(record[0].message)
+    assert "retraining 3 run(s)" in message and "run-000001.npz: empty" in message
+    assert "run-000002.npz: unreadable or corrupt" in message and "run-000004.npz: written for another run" in message
+    assert calls == [1, 1, 1]
+    np.testing.assert_array_equal(got, want)
+
+
+_KILLED_CHILD = """
+import sys, time
+import numpy as np
+from attribution import retrain
+masks = retrain.random_subset_masks(12, 8, seed=5)
+def slow(chunk):
+    time.sleep(0.2)
+    return np.stack([chunk @ np.arange(12.0), chunk.sum(1)], axis=1)
+retrain.retrain_outcomes(sys.argv[1], masks, slow, fingerprint={"model": "a"}, chunk_size=1)
+"""
+
+
+def test_sigkill_mid_retraining_resumes_the_missing_runs_only(tmp_path):
+    path = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, str(path)], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while child.poll() is None and not (path.is_dir() and len([p for p in os.listdir(path) if p.startswith("run-")]) >= 3):
+        time.sleep(0.02)
+    assert child.poll() is None, child.communicate()[1].decode()[-2000:]
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done = sorted(p for p in os.listdir(path) if p.startswith("run-"))
+    assert 3 <= len(done) < 8
+    masks = retrain.random_subset_masks(12, 8, seed=5)
+    calls = []
+    got = retrain.retrain_outcomes(str(path), masks, _fake_training(calls), fingerprint={"model": "a"}, chunk_size=1)
+    assert len(calls) == 8 - len(done)
+    np.testing.assert_array_equal(got, np.stack([masks @ np.arange(12.0), masks.sum(1)], axis=1))
