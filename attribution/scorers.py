@@ -36,9 +36,17 @@ __all__ = ["SCORERS", "dot_scores", "cosine_scores", "unit_scores", "tracin_scor
 
 
 def _as2d(name: str, x) -> jax.Array:
+    """`x` as a 2-D array; ValueError for another rank or for a row holding NaN / inf (a NaN query
+    would otherwise score NaN everywhere, or 0 under a zero-norm rule). Traced values (under `jit`)
+    are not checked."""
     x = jnp.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape (count, m), got shape {x.shape}")
+    if not isinstance(x, jax.core.Tracer):
+        finite = np.asarray(jnp.all(jnp.isfinite(x), axis=1))
+        if not finite.all():
+            raise ValueError(f"{name} row {int(np.flatnonzero(~finite)[0])} holds non-finite values (NaN or inf); "
+                             "scores of it would be meaningless")
     return x
 
 

@@ -123,3 +123,21 @@ def test_trak_gram_form_for_wide_features(x64):
     ref = q @ np.linalg.inv(t.T @ t + 0.5 * np.eye(9)) @ t.T
     np.testing.assert_allclose(scorers.trak_scores([q], [t], damping=0.5), ref, rtol=1e-10)
     np.testing.assert_allclose(scorers.trak_scores([q], [t]), q @ np.linalg.pinv(t) , rtol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["dot", "cosine", "unit"])
+def test_non_finite_query_or_train_rows_raise_instead_of_scoring(name):
+    """A NaN query used to score 0.0 under cosine (and NaN under dot); now every scorer refuses it,
+    naming the row."""
+    fn = scorers.SCORERS[name]
+    train = np.random.default_rng(0).normal(size=(6, 3))
+    queries = np.ones((3, 3))
+    queries[2, 1] = np.nan
+    with pytest.raises(ValueError, match="queries row 2 holds non-finite"):
+        fn(queries, train)
+    bad_train = train.copy()
+    bad_train[4, 0] = np.inf
+    with pytest.raises(ValueError, match="train row 4 holds non-finite"):
+        fn(np.ones((2, 3)), bad_train)
+    with pytest.raises(ValueError, match="vectors row 0"):
+        scorers.inverse_hvp(lambda v: v, np.full((1, 3), np.nan))
