@@ -13,6 +13,13 @@ from configs import train_lm
 TASKS = {"facts_lm": "forward", "facts_lm_reversed": "reversed"}
 
 
+# One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
+PRESETS = {
+    "": "EK-FAC / K-FAC / TRAK / gradient similarity on the planted-facts LM, both word orders, LDS (≈ 25 min)",
+    "quick": "smaller corpus and fewer LDS subsets (≈ 10 min)",
+}
+
+
 def get_config(arg=None):
     config = train_lm.get_config(arg)  # validates the preset; same data / model / train sections
     config.experiment = "influence_llm"

@@ -18,6 +18,13 @@ SCORERS = ("dot", "cosine", "unit", "tracin", "trak", "arnoldi", "exact_if")
 SKETCHES = ("dense", "sjlt", "fjl", "ffd", "affd", "afjl", "qk")
 
 
+# One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
+PRESETS = {
+    "": "every scorer × sketch × m on digits logreg/MLP and the planted-facts LM, LDS/LOO/brittleness (≈ 40 min)",
+    "quick": "smaller tasks and grids (≈ 6 min)",
+}
+
+
 def get_config(arg=None):
     if arg not in (None, "", "quick"):
         raise ValueError(f"preset={arg!r}; allowed values: ['quick'] or none")

@@ -1,29 +1,35 @@
 """The one experiment runner.
 
+    python -m experiments.run --list
     python -m experiments.run --config configs/NAME.py[:preset] --workdir DIR [--config.key=value ...]
 
-It loads the ml_collections config, validates it, writes `DIR/config.json`, dispatches to
-`experiments/<config.experiment>.py`'s `run(config, workdir) -> dict` and writes the returned flat
-mapping of headline numbers to `DIR/summary.json`. `metrics.jsonl` is appended to by the experiment
-through `experiments.common.workdir.Workdir.log`. A failed run leaves no `summary.json`.
+It loads the ml_collections config, applies the overrides, runs the experiment's
+`validate_config` (every experiment has one) before any work, writes `DIR/config.json`, dispatches
+to `experiments/<config.experiment>.py`'s `run(config, workdir) -> dict` and writes the returned
+flat mapping of headline numbers to `DIR/summary.json`. The experiment appends to
+`metrics.jsonl` through `experiments.common.workdir.Workdir.log`. A failed run leaves no `summary.json`.
+
+A mistake in the command line or the config (unknown file, preset or field, a value the
+experiment would reject) is printed as one message and exits with code 2; `--debug` shows the
+traceback instead.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
 import time
-
-from absl import app, flags
-from ml_collections import config_flags
+import warnings
 
 import experiments
+from experiments.common.command_line import (UsageError, apply_override, format_preset_table, load_config,
+                                             preset_table)
+from experiments.common.config_checks import ConfigError
 from experiments.common.workdir import Workdir, atomic_write_json
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally `:preset`.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (created if missing).")
-_QUIET = flags.DEFINE_bool("quiet", False, "Silence progress bars.")
 
 def available_experiments() -> list[str]:
     """Every module directly in experiments/ except this runner: one per experiment kind. The shared
@@ -33,27 +39,37 @@ def available_experiments() -> list[str]:
 
 
 def load_experiment(name: str):
-    """Imports `experiments.<name>`; a clear ValueError for unknown names."""
+    """Imports `experiments.<name>`; a clear ConfigError for unknown names."""
     allowed = available_experiments()
     if not isinstance(name, str) or name not in allowed:
-        raise ValueError(f"config.experiment={name!r} is not an experiment; allowed values: {allowed}")
+        raise ConfigError(f"config.experiment={name!r} is not an experiment; allowed values: {allowed}")
     module = importlib.import_module(f"experiments.{name}")
-    if not callable(getattr(module, "run", None)):
-        raise ValueError(f"experiments/{name}.py has no `run(config, workdir)` function")
+    for required in ("run", "validate_config"):
+        if not callable(getattr(module, required, None)):
+            raise ConfigError(f"experiments/{name}.py has no `{required}` function; every experiment defines "
+                              "validate_config(config) and run(config, workdir)")
     return module
+
+
+def check_workdir(path) -> str:
+    if not isinstance(path, str) or not path.strip():
+        raise UsageError("--workdir is empty; give a folder for the run's files (config.json, summary.json, ...), "
+                         "e.g. --workdir runs/demo")
+    return path
 
 
 def run_experiment(config, workdir_path: str, quiet: bool = False) -> dict:
     """Runs one config end to end and returns the summary (also written to summary.json)."""
+    check_workdir(workdir_path)
     if "experiment" not in config:
-        raise ValueError("config.experiment is missing; it names the module in experiments/ to run")
+        raise ConfigError("config.experiment is missing; it names the module in experiments/ to run")
+    stale = os.path.join(workdir_path, "summary.json")
+    if os.path.exists(stale):  # a stale summary must never outlive a new (maybe failing) run
+        os.remove(stale)
+    module = load_experiment(config.experiment)
+    module.validate_config(config)
     workdir = Workdir(workdir_path)
     summary_path = workdir.file("summary.json")
-    if os.path.exists(summary_path):  # a stale summary must never outlive a new (maybe failing) run
-        os.remove(summary_path)
-    module = load_experiment(config.experiment)
-    if hasattr(module, "validate_config"):
-        module.validate_config(config)
     config_dict = config.to_dict()
     config_dict["quiet"] = bool(quiet)
     atomic_write_json(workdir.file("config.json"), config_dict)
@@ -69,15 +85,96 @@ def run_experiment(config, workdir_path: str, quiet: bool = False) -> dict:
     return summary
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
-        raise app.UsageError("Both --config and --workdir are required.")
-    run_experiment(_CONFIG.value, _WORKDIR.value, quiet=_QUIET.value)
-    print(f"Results written to {os.path.abspath(_WORKDIR.value)} (summary.json, metrics.jsonl, config.json)")
+def silence_library_noise() -> None:
+    """Hide messages that are not the user's concern: JAX probing for absent TPU/GPU backends and
+    transformers' Flax deprecation / unused-weights notices. Real warnings stay visible."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", message=".*Flax.*deprecat.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*[Ff]lax.*deprecat.*")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # transformers is a dependency; this only guards partial installs
+        pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        description="Run one experiment from an ml_collections config. Any config field can be overridden "
+                    "with --config.FIELD=VALUE (nested: --config.train.num_steps=100).",
+        epilog="Configs and presets:\n" + "\n".join(
+            f"  {path}{':' + preset if preset else ''}  {desc}" for path, preset, desc in _safe_table()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="a config file, optionally with a preset: configs/NAME.py[:PRESET]")
+    parser.add_argument("--workdir", help="the run's output folder (created if missing)")
+    parser.add_argument("--quiet", action="store_true", help="silence progress bars")
+    parser.add_argument("--list", action="store_true", help="list every config and preset with its expected CPU time")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+    return parser
+
+
+def _safe_table():
+    try:
+        return preset_table()
+    except Exception:  # --help must work even if a config is broken; --list reports the reason
+        return []
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separates `--config.a.b=v` / `--config.a.b v` from the runner's own flags."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{arg} needs a value: {arg}=VALUE")
+                value = argv[i + 1]
+                i += 1
+            if not key:
+                raise UsageError(f"{arg}: give a field name, e.g. --config.seed=1")
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    silence_library_noise()
+    try:
+        rest, overrides = _split_overrides(argv)
+        parser = _parser()
+        args = parser.parse_args(rest)
+        if args.list:
+            print(format_preset_table(preset_table()))
+            return 0
+        if args.config is None or args.workdir is None:
+            raise UsageError("both --config and --workdir are required (python -m experiments.run --list shows the "
+                             "configs), e.g. --config configs/demo.py:quick --workdir runs/demo")
+        check_workdir(args.workdir)
+        config = load_config(args.config)
+        for key, value in overrides:
+            apply_override(config, key, value)
+        summary = run_experiment(config, args.workdir, quiet=args.quiet)
+    except (UsageError, ConfigError) as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    del summary
+    print(f"Results written to {os.path.abspath(args.workdir)} (summary.json, metrics.jsonl, config.json)")
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.exit(app.run(main))
+    sys.exit(main())

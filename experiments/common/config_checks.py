@@ -86,11 +86,12 @@ def number(where: str, value: Any, low: float | None = None, high: float | None 
     return float(value)
 
 
-def one_of(where: str, value: Any, allowed: Sequence) -> Any:
+def one_of(where: str, value: Any, allowed: Sequence, context: str = "") -> Any:
+    """`value` is one of `allowed`; `context` is added to the message (e.g. " with config.data.name='digits'")."""
     if value not in allowed:
         suggestion = closest(value, allowed) if isinstance(value, str) else None
         hint = f" (did you mean {suggestion!r}?)" if suggestion else ""
-        raise ConfigError(f"{where}={value!r}{hint}; allowed values: {list(allowed)}")
+        raise ConfigError(f"{where}={value!r}{context}{hint}; allowed values: {list(allowed)}")
     return value
 
 

@@ -34,8 +34,8 @@ def validate_config(config) -> None:
     checks.check_fields("config.data", config.data, _DATA_FIELDS)
     checks.check_fields("config.train", config.train, _TRAIN_FIELDS)
     checks.one_of("config.data.name", config.data.name, DATASETS)
-    checks.one_of(f"config.model.name (with config.data.name={config.data.name!r})", config.model.name,
-                  _MODELS_FOR[config.data.name])
+    checks.one_of("config.model.name", config.model.name, _MODELS_FOR[config.data.name],
+                  context=f" with config.data.name={config.data.name!r}")
     options = _model_options(config, vocab_size=1)
     models_lib.validate_model_config(config.model.name, options)
     if config.model.name == "pretrained" and options["task"] != "classification":

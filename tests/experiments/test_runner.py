@@ -63,5 +63,89 @@ def test_cli_overrides_and_output_files(tmp_path):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {r["sketch"] for r in records if "sketch" in r} == {"afjl", "dense"}
 
-    bad = subprocess.run(cmd[:6] + ["--config.no_such_field=1"], capture_output=True, text=True, cwd=os.getcwd())
-    assert bad.returncode != 0 and "no_such_field" in bad.stderr
+    bad = subprocess.run(cmd[:7] + ["--config.no_such_field=1"], capture_output=True, text=True, cwd=os.getcwd())
+    assert bad.returncode == 2 and "config.no_such_field is not a field" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+# ---- the command line: one clear message and exit code 2 for every configuration mistake ----
+
+def _cli(capsys, *args):
+    code = runner.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--config.m_value=3",), "config.m_value is not a field; allowed fields: ["),
+    (("--config.train.stepz=3",), "config.train.stepz is not a field; allowed fields: ['batch_size'"),
+    (("--config.train.num_stepz=3",), "config.train.num_stepz is not a field (did you mean 'num_steps'?)"),
+    (("--config.train.num_steps=abc",), "config.train.num_steps='abc' is not an int"),
+    (("--config.sketch_mode=implicitt",), "config.sketch_mode='implicitt' (did you mean 'implicit'?); allowed values"),
+    (("--config.seed",), "--config.seed needs a value"),
+])
+def test_override_mistakes_are_one_message_with_exit_code_2(capsys, tmp_path, args, message):
+    code, out, err = _cli(capsys, "--config", "configs/demo.py:quick", "--workdir", str(tmp_path / "w"), *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()  # nothing written before the config is known to be good
+
+
+@pytest.mark.parametrize("config, message", [
+    ("configs/nope.py", "no config file 'configs/nope.py'"),
+    ("configs/dmeo.py", "(did you mean configs/demo.py?)"),
+    ("configs/demo.py:quikc", "unknown preset (did you mean 'quick'?); allowed presets:"),
+    ("configs/demo.py:bogus", "allowed presets: '' (the default, no ':preset'), 'quick'"),
+])
+def test_config_file_and_preset_mistakes(capsys, tmp_path, config, message):
+    code, _, err = _cli(capsys, "--config", config, "--workdir", str(tmp_path / "w"))
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_empty_workdir_is_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _cli(capsys, "--config", os.path.join(runner.__file__, "..", "..", "configs", "train_lm.py"),
+                        "--workdir", "")
+    assert code == 2 and "--workdir is empty" in err
+    assert os.listdir(tmp_path) == []  # nothing written into the current folder
+    with pytest.raises(ValueError, match="--workdir is empty"):
+        runner.run_experiment(ml_collections.ConfigDict({"experiment": "train_lm"}), "")
+
+
+def test_missing_flags_explain_themselves(capsys):
+    code, _, err = _cli(capsys)
+    assert code == 2 and "both --config and --workdir are required" in err
+
+
+def test_a_sketch_constraint_fails_before_training(capsys, tmp_path):
+    """afjl reduces dimension (m ≤ D): the demo refuses m = 2^30 before training its model."""
+    code, _, err = _cli(capsys, "--config", "configs/demo.py:quick", "--workdir", str(tmp_path / "w"),
+                        f"--config.sketch_dim={1 << 30}", "--config.sketches=('afjl',)")
+    assert code == 2 and f"config.sketch_dim={1 << 30} with sketch 'afjl'" in err and "needs m <= D" in err
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_list_shows_every_config_and_preset_with_a_time(capsys):
+    code, out, _ = _cli(capsys, "--list")
+    assert code == 0
+    for path in ("configs/demo.py", "configs/demo.py:quick", "configs/train_lm.py:quick", "configs/bench_sketch.py:quick"):
+        assert any(line.split()[0] == path for line in out.splitlines() if line.strip().startswith("configs/")), path
+    rows = [line for line in out.splitlines() if line.strip().startswith("configs/")]
+    assert all("min" in line or " s)" in line for line in rows), [r for r in rows if "min" not in r and " s)" not in r]
+
+
+def test_every_config_has_a_preset_table_that_get_config_accepts():
+    from experiments.common.command_line import config_files, _import_file, presets_of
+    for path in config_files():
+        module = _import_file(path)
+        table = getattr(module, "PRESETS", None)
+        assert isinstance(table, dict) and table, f"{path} has no PRESETS dict"
+        for preset, description in presets_of(module).items():
+            assert description.strip(), f"{path}:{preset} has no description"
+            assert module.get_config(preset or None) is not None
+
+
+def test_help_lists_the_configs():
+    out = subprocess.run([sys.executable, "-m", "experiments.run", "--help"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(runner.__file__)))
+    assert out.returncode == 0 and "configs/demo.py:quick" in out.stdout and "--list" in out.stdout
