@@ -33,6 +33,7 @@ import safetensors.numpy
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from experiments.common import config_checks as checks
 from experiments.common import data as data_lib
 from experiments.common.workdir import Workdir, atomic_write_bytes
 
@@ -42,13 +43,17 @@ SCHEDULES = ("constant", "cosine")
 _CKPT_RE = re.compile(r"ckpt_(\d+)\.safetensors$")
 
 
+TRAIN_FIELDS = ("optimizer", "learning_rate", "schedule", "warmup_steps", "weight_decay", "num_steps",
+                "batch_size", "checkpoint_every", "eval_every", "log_every")
+
+
 def validate_train_section(config, min_max_len: int) -> None:
-    """Checks `config.max_len` (>= min_max_len), `config.train.batch_size` and the optimizer fields."""
-    if isinstance(config.max_len, bool) or not isinstance(config.max_len, int) or config.max_len < min_max_len:
-        raise ValueError(f"config.max_len must be an int >= {min_max_len}, got {config.max_len!r}")
+    """Checks `config.max_len` (>= min_max_len), the fields of `config.train`, its batch size and
+    the optimizer fields."""
+    checks.integer("config.max_len", config.max_len, min_max_len)
     t = config.train
-    if isinstance(t.batch_size, bool) or not isinstance(t.batch_size, int) or t.batch_size < 1:
-        raise ValueError(f"config.train.batch_size must be a positive int, got {t.batch_size!r}")
+    checks.check_fields("config.train", t, TRAIN_FIELDS)
+    checks.integer("config.train.batch_size", t.batch_size)
     optimizer_from_config(t)
 
 

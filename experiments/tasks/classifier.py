@@ -25,14 +25,11 @@ from experiments.common.workdir import Workdir
 DATASETS = ("text", "digits")
 _MODELS_FOR = {"text": ("minilm", "pretrained", "transformer"), "digits": ("logreg", "mlp", "cnn")}
 _DATA_FIELDS = {"name", "num_classes", "num_train", "num_test", "topic_prob", "test_fraction"}
-_TRAIN_FIELDS = {"optimizer", "learning_rate", "schedule", "warmup_steps", "weight_decay", "num_steps",
-                 "batch_size", "checkpoint_every", "eval_every", "log_every"}
 
 
 def validate_config(config) -> None:
     checks.require_sections(config, ("data", "model", "train"))
     checks.check_fields("config.data", config.data, _DATA_FIELDS)
-    checks.check_fields("config.train", config.train, _TRAIN_FIELDS)
     checks.one_of("config.data.name", config.data.name, DATASETS)
     checks.one_of("config.model.name", config.model.name, _MODELS_FOR[config.data.name],
                   context=f" with config.data.name={config.data.name!r}")

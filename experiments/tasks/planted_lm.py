@@ -25,15 +25,12 @@ from experiments.common.workdir import Workdir, atomic_write_json
 
 _DATA_FIELDS = {"num_facts", "docs_per_fact", "num_distractors", "num_heldout", "num_subjects",
                 "filler_min", "filler_max", "order", "canonical_first"}
-_TRAIN_FIELDS = {"optimizer", "learning_rate", "schedule", "warmup_steps", "weight_decay", "num_steps",
-                 "batch_size", "checkpoint_every", "eval_every", "log_every"}
 
 
 def validate_config(config) -> None:
     """ValueError naming the field for anything the run would reject later (checked before any work)."""
     checks.require_sections(config, ("data", "model", "train"))
     checks.check_fields("config.data", config.data, _DATA_FIELDS)
-    checks.check_fields("config.train", config.train, _TRAIN_FIELDS)
     checks.one_of("config.data.order", config.data.order, data_lib.ORDERS)
     model = config.model.to_dict()
     checks.one_of("config.model.name", model.get("name"), ["transformer"])
