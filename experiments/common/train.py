@@ -179,7 +179,8 @@ class TrainResult:
     opt_state: PyTree
     step: int
     resumed_from: int          # 0 for a fresh run
-    final_loss: float | None   # mean train loss of the last logging window run in this call
+    final_loss: float | None   # mean train loss of the last logging window (of the earlier call
+                               # read back from metrics.jsonl when a resumed call had no step left)
     eval_metrics: dict         # the last eval_fn result (empty without eval_fn)
 
 
@@ -258,5 +259,8 @@ def train(
         evaluate(num_steps)
     if ckpt_dir is not None and (start < num_steps or not list_checkpoints(ckpt_dir)):
         checkpoint(num_steps)
+    if final_loss is None and workdir is not None:  # resumed with no step left: the loss the run logged last
+        logged = [r["train/loss"] for r in workdir.read_metrics() if r.get("train/loss") is not None]
+        final_loss = float(logged[-1]) if logged else None
     return TrainResult(params=params, opt_state=opt_state, step=num_steps, resumed_from=start,
                        final_loss=final_loss, eval_metrics=eval_metrics)

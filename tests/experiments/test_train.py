@@ -47,6 +47,8 @@ def test_resume_is_bit_identical(tmp_path):
     again = train.train(loss_fn, params, optimizer, batch_at, 12, workdir=workdir, checkpoint_every=5, quiet=True)
     assert again.resumed_from == 12
     assert train.list_checkpoints(workdir.file("checkpoints"))[-1][0] == 12
+    # ... and still reports the loss the finished run logged last (not None)
+    assert resumed.final_loss is not None and again.final_loss == resumed.final_loss
 
 
 def test_loss_decreases_and_metrics_logged(tmp_path):
