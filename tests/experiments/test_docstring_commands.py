@@ -1,0 +1,56 @@
+"""Every `python -m experiments.run ...` command written in a config's or experiment's docstring
+loads, takes its overrides and passes its experiment's validate_config (the checks that run before
+any work), so the documented commands cannot rot."""
+import ast
+import glob
+import os
+import shlex
+
+import pytest
+
+from experiments import run as runner
+from experiments.common.command_line import apply_override, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")) + glob.glob(os.path.join(ROOT, "experiments", "*.py"))):
+        with open(path, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+        lines = doc.splitlines()
+        i = 0
+        while i < len(lines):
+            line = lines[i].strip()
+            while line.endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line[:-1] + " " + lines[i].strip()
+            if line.startswith("python -m experiments.run") and "--config" in line and "NAME" not in line:
+                tokens = []
+                for token in shlex.split(line)[3:]:
+                    if token.startswith("("):  # a trailing "(≤ 5 min, 2 CPU cores)" remark
+                        break
+                    tokens.append(token)
+                found.append((os.path.relpath(path, ROOT), tokens))
+            i += 1
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_docstrings_document_commands():
+    assert len(COMMANDS) >= 10
+    assert {path for path, _ in COMMANDS} >= {"configs/demo.py", "configs/bench_sketch.py", "configs/train_lm.py"}
+
+
+@pytest.mark.parametrize("where, tokens", COMMANDS, ids=[f"{p}:{' '.join(t)[:60]}" for p, t in COMMANDS])
+def test_documented_command_validates(where, tokens):
+    rest, overrides = runner._split_overrides(tokens)
+    config_arg = rest[rest.index("--config") + 1]
+    config = load_config(config_arg)
+    for key, value in overrides:
+        apply_override(config, key, value)
+    module = runner.load_experiment(config.experiment)
+    module.validate_config(config)
