@@ -39,6 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 import sketching  # noqa: E402
 from attribution.evaluate import first_relevant_ranks, retrieval_metrics  # noqa: E402
@@ -184,12 +185,19 @@ def run(config, workdir: Workdir) -> dict:
     summary["per_example_grad_time_s"] = plain_time
 
     ranks: dict[str, np.ndarray] = {}
+    references = [(EXACT, plain, origin),
+                  (RAW_EXACT, functools.partial(sketching.per_example_gradients, raw_loss_fn), params)]
+    steps = ([f"exact gradients ({name})" for name, _, _ in references] if config.exact_reference else []) + \
+        [f"sketch {name}: gradients + timing" for name in config.sketches]
+    bar = tqdm(total=len(steps), desc="retrieval", disable=config.get("quiet", False), dynamic_ncols=True)
     if config.exact_reference:
-        for name, fn, at in ((EXACT, plain, origin),
-                             (RAW_EXACT, functools.partial(sketching.per_example_gradients, raw_loss_fn), params)):
+        for (name, fn, at), label in zip(references, steps):
+            bar.set_postfix_str(label)
             scores = np.asarray(cosine_scores(flatten_per_example(fn(at, s.queries)), flatten_per_example(fn(at, s.train))))
             ranks[name] = first_relevant_ranks(scores, relevant)
+            bar.update()
     for i, name in enumerate(config.sketches):
+        bar.set_postfix_str(f"sketch {name}")
         sketch = sketching.get(name, config.sketch_dim)
         state = sketch.init(jax.random.fold_in(jax.random.key(config.seed), 1000 + i), params)
         sketched = jax.jit(lambda p, b, sketch=sketch, state=state: sketching.sketch_per_example_gradients(
@@ -197,6 +205,8 @@ def run(config, workdir: Workdir) -> dict:
         scores = np.asarray(cosine_scores(sketched(origin, s.queries), sketched(origin, s.train)))
         ranks[name] = first_relevant_ranks(scores, relevant)
         summary[f"sketch_overhead/{name}"] = median_time(sketched, origin, s.train, **timing)["median_s"] / plain_time
+        bar.update()
+    bar.close()
     for name, r in ranks.items():
         for key, value in retrieval_metrics(r, ks).items():
             summary[f"{key}/{name}"] = value
@@ -209,4 +219,5 @@ def run(config, workdir: Workdir) -> dict:
     if not config.get("quiet", False):
         print(_report(config, summary, summary["num_params"], ks).split("\n\n![")[0])
     print(f"Report: {os.path.abspath(report_path)}")
+    print(f"Plots:  {workdir.file('training.png')}\n        {workdir.file('retrieval.png')}")
     return summary
