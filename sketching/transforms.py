@@ -9,6 +9,10 @@
   (SPEC §2.9 item 3).
 * `kron_apply`: (F_1 ⊗ … ⊗ F_k) x for row-major x, without forming the Kronecker product
   (SPEC §2.9 items 1–2).
+* `haar_rows`: the first r rows of a Haar orthogonal b×b matrix (QR of a b×r Gaussian with the sign
+  fix), the factors of the paper's QK (eq. 8, App. C.5).
+* `factor_permutations`, `permuted_sylvester`: one random permutation per Kronecker factor and the
+  Sylvester factors with permuted rows or columns, the paper's H^{π1} / H^{π2} (eq. 6).
 * `Mixer`: the orthogonal "pre-conditioner" of AFFD/AFJL (the paper's Table 4 axis HN / FFT / Q).
 
 All matmuls use `precision=HIGHEST` (SPEC §7.4).
@@ -99,6 +103,62 @@ def kron_apply(factors, x: jax.Array) -> jax.Array:
     return y.reshape(batch + (-1,))
 
 
+def haar_rows(key: jax.Array, rows: int, cols: int, dtype=jnp.float32) -> jax.Array:
+    """The first `rows` rows (shape (rows, cols)) of a Haar-distributed cols×cols orthogonal matrix.
+
+    Paper App. C.5: draw a cols×rows Gaussian G, QR it (Householder, `rows` reflections), multiply Q
+    by sign(diag R) (the sign fix of Mezzadri 2007; without it Q[0, 0] = −|g₀|/‖g‖ is always
+    negative) and transpose. The columns of Q·diag(sign R) are the first `rows` columns of a Haar
+    matrix, so the result has orthonormal rows and the law of Haar rows. O(cols·rows²) work; plain
+    JAX ops (no LAPACK, see `haar_orthogonal`), so it runs under vmap over keys.
+    """
+    if not 1 <= rows <= cols:
+        raise ValueError(f"haar_rows needs 1 <= rows <= cols, got rows={rows}, cols={cols}")
+    g = jax.random.normal(key, (cols, rows), dtype)
+    index = jnp.arange(cols)
+
+    def reflect(k, carry):
+        a, us, betas, signs = carry
+        x = jnp.where(index >= k, a[:, k], 0)
+        alpha = jnp.where(x[k] >= 0, 1, -1).astype(dtype) * jnp.linalg.norm(x)
+        u = x + alpha * (index == k).astype(dtype)
+        beta = 2 / jnp.maximum(jnp.dot(u, u), jnp.finfo(dtype).tiny)
+        a = a - beta * jnp.outer(u, jnp.dot(u, a, precision=HIGHEST))
+        signs = signs.at[k].set(jnp.where(-alpha >= 0, 1, -1).astype(dtype))  # sign of R_kk = -alpha
+        return a, us.at[k].set(u), betas.at[k].set(beta), signs
+
+    init = (g, jnp.zeros((rows, cols), dtype), jnp.zeros((rows,), dtype), jnp.ones((rows,), dtype))
+    _, us, betas, signs = jax.lax.fori_loop(0, rows, reflect, init)
+
+    def accumulate(j, q):  # Q = H_0 H_1 ⋯ H_{r-1} I[:, :r], applied right to left
+        k = rows - 1 - j
+        u = us[k]
+        return q - betas[k] * jnp.outer(u, jnp.dot(u, q, precision=HIGHEST))
+
+    q = jax.lax.fori_loop(0, rows, accumulate, jnp.eye(cols, rows, dtype=dtype))
+    return (q * signs[None, :]).T
+
+
+def factor_permutations(key: jax.Array, blocks: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """One independent uniform permutation of range(b) per Kronecker factor b (int32)."""
+    return tuple(
+        jax.random.permutation(jax.random.fold_in(key, i), b).astype(jnp.int32) for i, b in enumerate(blocks)
+    )
+
+
+def permuted_sylvester(blocks: tuple[int, ...], perms, axis: str, dtype) -> list[jax.Array]:
+    """Unnormalised Sylvester factors H_b with rows (P H_b) or columns (H_b P) permuted by `perms`.
+
+    Kronecker identity: ⊗_i (P_i H_i) = (⊗_i P_i)(⊗_i H_i), so `kron_apply` with these factors applies
+    √n·P H_n (axis="rows", the paper's H^{π1}) or √n·H_n P (axis="columns", H^{π2}), P = ⊗_i P_i.
+    """
+    factors = []
+    for b, perm in zip(blocks, perms):
+        h = jnp.asarray(sylvester(b), dtype)
+        factors.append(jnp.take(h, perm, axis=0 if axis == "rows" else 1))
+    return factors
+
+
 def fwht(x: jax.Array, max_block: int = 16) -> jax.Array:
     """Orthonormal Walsh–Hadamard transform of the last axis (length a power of two).
 
@@ -153,6 +213,7 @@ def haar_orthogonal(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
 
 
 MIXERS = ("hadamard", "hartley", "orthogonal")
+PERMUTES = ("none", "rows", "columns")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,18 +222,30 @@ class Mixer:
 
     kind: "hadamard" (Walsh–Hadamard, n a power of two; the paper's HN), "hartley" (any n; the
     paper's FFT option) or "orthogonal" (Q_1 ⊗ … ⊗ Q_r with Haar factors of at most `block`
-    rows, n a power of two; the paper's Q option). Only "orthogonal" has tables (its factors).
+    rows, n a power of two; the paper's Q option).
+    permute: "none", "rows" or "columns": with kind="hadamard", every Sylvester factor gets its
+    own random row (P H, the paper's H^{π1}) or column (H P, H^{π2}) permutation, drawn in
+    `tables`. Ignored by "hartley" (not a Kronecker product) and "orthogonal" (a permuted Haar
+    factor is again Haar, so the permutation would not change the law).
+    Tables: the Haar factors ("orthogonal") or the per-factor permutations (permuted "hadamard").
     """
 
     kind: str
     n: int
     block: int = 16
+    permute: str = "none"
 
     def __post_init__(self):
         if self.kind not in MIXERS:
             raise ValueError(f"preconditioner={self.kind!r}; allowed values: {list(MIXERS)}")
         if self.kind != "hartley" and self.n & (self.n - 1):
             raise ValueError(f"preconditioner={self.kind!r} needs a power-of-two length, got {self.n}")
+        if self.permute not in PERMUTES:
+            raise ValueError(f"permute={self.permute!r}; allowed values: {list(PERMUTES)}")
+
+    @property
+    def permuted(self) -> bool:
+        return self.kind == "hadamard" and self.permute != "none"
 
     @staticmethod
     def padded_length(kind: str, size: int) -> int:
@@ -181,13 +254,24 @@ class Mixer:
             return int(size)
         return next_power_of_two(size)
 
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return power_of_two_blocks(self.n, self.block)
+
     def tables(self, key: jax.Array, dtype) -> tuple:
+        if self.permuted:
+            return factor_permutations(key, self.blocks)
         if self.kind != "orthogonal":
             return ()
-        blocks = power_of_two_blocks(self.n, self.block)
-        return tuple(haar_orthogonal(jax.random.fold_in(key, i), b, dtype) for i, b in enumerate(blocks))
+        return tuple(haar_orthogonal(jax.random.fold_in(key, i), b, dtype) for i, b in enumerate(self.blocks))
+
+    def _permuted_factors(self, tables, dtype):
+        return permuted_sylvester(self.blocks, tables, self.permute, dtype)
 
     def forward(self, tables: tuple, x: jax.Array) -> jax.Array:
+        if self.permuted:
+            scale = jnp.asarray(1.0 / math.sqrt(self.n), x.dtype)
+            return kron_apply(self._permuted_factors(tables, x.dtype), x) * scale
         if self.kind == "hadamard":
             return fwht(x, self.block)
         if self.kind == "hartley":
@@ -195,15 +279,23 @@ class Mixer:
         return kron_apply(tables, x)
 
     def transpose(self, tables: tuple, x: jax.Array) -> jax.Array:
+        if self.permuted:
+            scale = jnp.asarray(1.0 / math.sqrt(self.n), x.dtype)
+            return kron_apply([f.T for f in self._permuted_factors(tables, x.dtype)], x) * scale
         if self.kind == "orthogonal":
             return kron_apply(tuple(q.T for q in tables), x)
         return self.forward(tables, x)  # Hadamard and Hartley are symmetric
 
 
 def default_block() -> int:
-    """Largest Hadamard/orthogonal factor: small factors are fastest on CPU, larger ones on GPU/TPU
-    where the matmul units want them (measured with `configs/bench_sketch.py`)."""
-    return 16 if jax.default_backend() == "cpu" else 128
+    """Largest Hadamard/orthogonal Kronecker factor.
+
+    Accelerators: 1024, the paper's choice ("roughly 1024 columns", Sec. 3; the matmul units want
+    large factors). CPU: 64. One FWHT of 2^20 float32 on 2 CPU cores took 4.5 ms (block 16),
+    2.6 ms (32), 2.6 ms (64), 4.5 ms (128), 5.8 ms (256), 12.2 ms (1024); 32 and 64 tie and the
+    larger one gives the per-factor permutations of AFFD/AFJL more room (64! orders per factor).
+    """
+    return 64 if jax.default_backend() == "cpu" else 1024
 
 
 def check_block(block) -> int:

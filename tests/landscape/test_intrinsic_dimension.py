@@ -155,8 +155,10 @@ def test_bad_arguments():
         idim.doubling_search(monotone_curve(10), 0.9, d0=0, d_max=100)
     with pytest.raises(ValueError, match="lo < hi"):
         idim.binary_search(monotone_curve(10), 0.9, lo=5, hi=5)
-    assert idim.accepted_dimension("afjl", 50, theta0) == 64  # afjl: m a power of two dividing 128, m ≤ D = 70
-    assert idim.accepted_dimension("afjl", 100, theta0) == 64
+    # afjl with our segment sums: m a power of two dividing 128, m ≤ D = 70; the paper's slice takes any m ≤ D
+    assert idim.accepted_dimension("afjl", 50, theta0, reduction="segsum") == 64
+    assert idim.accepted_dimension("afjl", 100, theta0, reduction="segsum") == 64
+    assert idim.accepted_dimension("afjl", 50, theta0) == 50
     assert idim.accepted_dimension("dense", 37, theta0) == 37
 
 
@@ -247,12 +249,14 @@ def test_masked_step_leaves_frozen_coordinates_unchanged(optimizer):
         step(z, opt_state, batch, jnp.asarray(16, jnp.int32))[0][:5])) > 0)
 
 
-def test_masked_sgd_step_matches_a_dense_float64_reference(x64):
-    """z1 = z0 − η M_d √(d_max/D) Φ ∇θL(θ0 + √(d_max/D) Φᵀ z0) with Φ materialised as a matrix."""
+@pytest.mark.parametrize("mode", idim.STEP_MODES)
+def test_masked_sgd_step_matches_a_dense_float64_reference(x64, mode):
+    """z1 = z0 − η M_d √(d_max/D) Φ ∇θL(θ0 + √(d_max/D) Φᵀ z0) with Φ materialised as a matrix, for the
+    explicit (Φ applied to ∇θL) and the implicit (autodiff through Φᵀ) gradient."""
     loss_fn, theta0, batch = quadratic_problem()
     subspace = idim.make_subspace("qk", 16, theta0, jax.random.key(2))
     z0 = jax.random.normal(jax.random.key(3), (16,), jnp.float64) * 0.1
-    step = idim.masked_step_fn(loss_fn, subspace, optax.sgd(0.5))
+    step = idim.masked_step_fn(loss_fn, subspace, optax.sgd(0.5), mode=mode)
     z1, _, _ = step(z0, optax.sgd(0.5).init(z0), batch, jnp.asarray(6, jnp.int32))
     layout = subspace.state.layout
     phi_t = np.asarray(jax.jit(jax.vmap(lambda e: layout.flatten(subspace.sketch.transpose(subspace.state, e))))(
@@ -357,3 +361,5 @@ def test_single_run_bad_arguments():
         _search(delta=float("nan"))
     with pytest.raises(ValueError, match="max_steps must be a positive int"):
         _search(max_steps=-1)
+    with pytest.raises(ValueError, match="mode="):
+        _search(mode="autodiff")

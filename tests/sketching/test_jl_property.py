@@ -52,17 +52,26 @@ def dense_q90(m):
 # Allowed q90 distortion relative to the dense Gaussian, per sketch, with the theory behind it
 # (measured maxima over the suite, two key sets, m ∈ {64, 256}, are in brackets):
 #  fjl, sjlt: dense-like on every input (SRHT / CountSketch) [1.07].
-#  affd: dense-like except on contiguous blocks, whose HBx energy is Walsh-correlated so the output
-#        Gaussians are correlated: a constant factor, not growing with m (Theorem 3.2's
-#        log(n/δ) slack) [1.52 at both m].
-#  afjl: one Hadamard leaves the strided input {i ≡ 0 mod m} constant on segments with χ²₁-like
-#        segment energies: relative std √3·√(2/m) (SPEC T4 measured 0.16 at m=256 ≈ 1.8×) [1.81].
-#  qk:   Theorem 3.3: Var = 2(1/m₁+1/m₂+1/m₁m₂)Σσ⁴ + 2/(m₁m₂) with Σσ⁴ ≈ 1/n₁+1/n₂ after the
+#  affd (the paper's eq. 6, per-factor permutations; our unpermuted P = I variant is measured in
+#        test_paper_maps.py): dense-like
+#        except on contiguous blocks, whose HBx energy is Walsh-correlated so the output Gaussians
+#        are correlated: a constant factor, not growing with m (Theorem 3.2's log(n/δ) slack) [1.52].
+#  afjl_segsum (ours): one Hadamard leaves the strided input {i ≡ 0 mod m} constant on segments with
+#        χ²₁-like segment energies: relative std √3·√(2/m) (measured 0.16 at m=256 ≈ 1.8×) [1.81].
+#  qk_sandwich (ours): Var = 2(1/m₁+1/m₂+1/m₁m₂)Σσ⁴ + 2/(m₁m₂) with Σσ⁴ ≈ 1/n₁+1/n₂ after the
 #        sign/rotation sandwich; at D = 4096 (n_i = 64, m_i = 16) that is ≈ 1.4× on spread inputs
 #        and up to 2× on spikes [2.06].
-#  afjl_rademacher: AFJL with a ±1 diagonal; per-segment variance ≤ the Gaussian one.
-TOLERANCE = {"fjl": 1.3, "sjlt": 1.3, "affd": 1.7, "afjl": 2.0, "afjl_rademacher": 2.0, "qk": 2.3}
-VARIANTS = {"afjl_rademacher": ("afjl", {"diagonal": "rademacher"})}
+#  afjl_rademacher: our segment-sum AFJL with a ±1 diagonal; per-segment variance ≤ the Gaussian one.
+# The paper's AFJL (eq. 7) and QK (eq. 8) are NOT dense-like on this suite (Kronecker-stride inputs,
+# spikes, rank-one inputs): tests/sketching/test_paper_maps.py measures how far they are.
+TOLERANCE = {"fjl": 1.3, "sjlt": 1.3, "affd": 1.7, "afjl_segsum": 2.0,
+             "afjl_rademacher": 2.0, "qk_sandwich": 2.3}
+VARIANTS = {
+    "affd_unpermuted": ("affd", {"permutations": "none"}),
+    "afjl_segsum": ("afjl", {"reduction": "segsum"}),
+    "afjl_rademacher": ("afjl", {"reduction": "segsum", "diagonal": "rademacher"}),
+    "qk_sandwich": ("qk", {"construction": "sandwich"}),
+}
 
 
 def variant_ratios(variant, m, x, **kwargs):
@@ -85,7 +94,8 @@ def test_unbiased_and_dense_like_concentration(name):
 
 # From m=64 to m=1024 the dense q90 shrinks 4×. QK at D=4096 has n_i = 64 and m_i = 32 at m=1024,
 # where Theorem 3.3's (1/m_i)(1/n_i) term is no longer small: ≈2.5× (measured 2.47× on a spike).
-SHRINK = {"fjl": 2.5, "sjlt": 2.5, "affd": 2.5, "afjl": 2.5, "afjl_rademacher": 2.5, "qk": 2.0}
+SHRINK = {"fjl": 2.5, "sjlt": 2.5, "affd": 2.5, "affd_unpermuted": 2.5, "afjl_segsum": 2.5, "afjl_rademacher": 2.5,
+          "qk_sandwich": 2.0}
 
 
 @pytest.mark.parametrize("name", sorted(TOLERANCE))
@@ -157,13 +167,15 @@ def test_theorem_3_1_fastfood_distortion_does_not_shrink(d):
     assert stds[1] > 0.8  # χ²_r/r has std √(2/r) ≥ 1
 
 
-@pytest.mark.parametrize("name", ["affd", "afjl", "qk"])
+# The paper's QK is left out: x* is a constant block, i.e. rank-one along the Kronecker factors, its
+# known weak input (tests/sketching/test_paper_maps.py).
+@pytest.mark.parametrize("name", ["affd", "afjl", "afjl_segsum", "qk_sandwich"])
 @pytest.mark.parametrize("d", [4096, 3000])
 def test_theorem_3_1_input_is_fine_for_the_papers_sketches(name, d):
     x, _ = theorem_3_1_input(d)
-    stds = [norm_ratios(name, m, x).std() for m in (64, 1024)]
+    stds = [variant_ratios(name, m, x).std() for m in (64, 1024)]
     assert stds[1] < stds[0] / 2.5
-    assert np.mean(np.abs(norm_ratios(name, 1024, x) - 1) > 0.5) == 0
+    assert np.mean(np.abs(variant_ratios(name, 1024, x) - 1) > 0.5) == 0
 
 
 def test_fastfood_defect_is_invisible_on_gaussian_inputs():

@@ -14,10 +14,14 @@ import sketching
 # Every sketch with each of its structural variants.
 VARIANTS = [
     ("dense", {}), ("dense", {"distribution": "rademacher", "block_elements": 1000}),
-    ("fjl", {}), ("ffd", {}), ("sjlt", {}), ("sjlt", {"nnz": 3}),
-    ("affd", {}), ("affd", {"preconditioner": "hartley"}), ("affd", {"preconditioner": "orthogonal", "block": 4}),
-    ("afjl", {}), ("afjl", {"diagonal": "rademacher"}), ("afjl", {"preconditioner": "hartley"}), ("afjl", {"preconditioner": "orthogonal", "block": 4}),
+    ("fjl", {}), ("ffd", {}), ("ffd", {"form": "blocked", "block": 4}), ("sjlt", {}), ("sjlt", {"nnz": 3}),
+    ("affd", {"block": 4}), ("affd", {"permutations": "none"}), ("affd", {"preconditioner": "hartley"}),
+    ("affd", {"preconditioner": "orthogonal", "block": 4, "signs": True}),
+    ("afjl", {}), ("afjl", {"block": 4, "diagonal": "rademacher"}), ("afjl", {"preconditioner": "hartley"}),
+    ("afjl", {"preconditioner": "orthogonal", "block": 4}), ("afjl", {"reduction": "segsum"}),
+    ("afjl", {"reduction": "segsum", "preconditioner": "hartley"}),
     ("qk", {}), ("qk", {"num_factors": 3, "factor_size": 8}),
+    ("qk", {"construction": "sandwich"}), ("qk", {"construction": "sandwich", "num_factors": 3, "factor_size": 8}),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in VARIANTS]
 
@@ -195,16 +199,30 @@ def test_m_larger_than_d_allowed_where_valid(name):
     assert sketch.apply(sketch.init(jax.random.key(0), odd_tree()), odd_tree()).shape == (512,)
 
 
-def test_afjl_needs_power_of_two_m_with_hadamard():
+def test_afjl_segsum_needs_power_of_two_m_with_hadamard():
     with pytest.raises(ValueError, match="power of two"):
-        sketching.get("afjl", 48).init(jax.random.key(0), odd_tree())
-    sketch = sketching.get("afjl", 48, preconditioner="hartley")
-    assert sketch.apply(sketch.init(jax.random.key(0), odd_tree()), odd_tree()).shape == (48,)
+        sketching.get("afjl", 48, reduction="segsum").init(jax.random.key(0), odd_tree())
+    for options in ({"reduction": "segsum", "preconditioner": "hartley"}, {}, {"preconditioner": "hartley"}):
+        sketch = sketching.get("afjl", 48, **options)  # the paper's slice takes any m <= D
+        assert sketch.apply(sketch.init(jax.random.key(0), odd_tree()), odd_tree()).shape == (48,)
 
 
 def test_qk_unsplittable_m():
     with pytest.raises(ValueError, match="cannot split m=251"):
-        sketching.get("qk", 251).init(jax.random.key(0), odd_tree())  # prime > n_i
+        sketching.get("qk", 251, construction="sandwich").init(jax.random.key(0), odd_tree())  # prime > n_i
+    with pytest.raises(ValueError, match="cannot split m=251"):
+        sketching.get("qk", 251, num_factors=2).init(jax.random.key(0), odd_tree())  # b = (16, 32)
+    sketch = sketching.get("qk", 251)  # one factor b = 512 (n <= factor_size): a Haar-row projection
+    assert sketch.apply(sketch.init(jax.random.key(0), odd_tree()), odd_tree()).shape == (251,)
+
+
+@pytest.mark.parametrize("name,option,value", [
+    ("affd", "permutations", "full"), ("affd", "signs", "yes"), ("afjl", "reduction", "sum"),
+    ("afjl", "signs", 1), ("qk", "construction", "lotfi"), ("qk", "num_factors", 0), ("ffd", "form", "stacked"),
+])
+def test_bad_new_option_values(name, option, value):
+    with pytest.raises(ValueError, match=option):
+        sketching.get(name, 16, **{option: value}).init(jax.random.key(0), odd_tree())
 
 
 def test_non_float_leaves_rejected():
