@@ -18,6 +18,7 @@ D · mean_l Σ_i τ_i^(l) θ_i^(l) equals the Hutchinson estimate exactly (τθ 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from landscape.lanczos import basis_dtype, flat_operator, lanczos
+from landscape.lanczos import (STATUS_NONFINITE, _krylov_batch, _raise_nonfinite, basis_dtype, basis_rows,
+                               eigh_tridiagonal, make_problem, tridiagonal_from_hessenberg)
 from sketching.layout import Layout
 
 PyTree = Any
@@ -36,12 +38,18 @@ def probe_vectors(key: jax.Array, num_probes: int, size: int, dtype=None) -> jax
     if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
     dtype = basis_dtype() if dtype is None else dtype
-    return jnp.stack([jax.random.rademacher(jax.random.fold_in(key, l), (size,), dtype) for l in range(num_probes)])
+    return _probes(key, jnp.arange(num_probes), int(size), np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _probes(key, indices, size, dtype):
+    return jax.vmap(lambda l: jax.random.rademacher(jax.random.fold_in(key, l), (size,), dtype))(indices)
 
 
 def quadrature_from_tridiagonal(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gauss-quadrature nodes θ (ascending) and weights τ_i = U[0, i]² of a symmetric tridiagonal T."""
-    values, vectors = np.linalg.eigh(np.asarray(t, np.float64))
+    t = np.asarray(t, np.float64)
+    values, vectors = eigh_tridiagonal(np.diag(t), np.diag(t, 1))
     return values, vectors[0, :] ** 2
 
 
@@ -116,17 +124,55 @@ def gaussian_mixture(grid: np.ndarray, centres: np.ndarray, weights: np.ndarray,
     return kernel @ np.asarray(weights, np.float64)
 
 
+DEFAULT_PROBE_MEMORY = 256 * 2 ** 20  # bytes of Krylov bases held at once by a vmapped batch of SLQ probes
+
+
+def probe_batch_size(num_probes: int, rows: int, size: int, itemsize: int,
+                     memory_bytes: int = DEFAULT_PROBE_MEMORY) -> int:
+    """How many probes run side by side: at most as many as fit `memory_bytes` of (rows × size) bases (≥ 1),
+    balanced so that the groups have (nearly) equal sizes."""
+    per_probe = rows * size * itemsize
+    largest = int(max(1, min(num_probes, memory_bytes // max(per_probe, 1))))
+    groups = -(-num_probes // largest)
+    return -(-num_probes // groups)  # equal groups: the padded last group wastes at most groups − 1 runs
+
+
 def slq(matvec: Callable[[PyTree], PyTree], template: PyTree, num_iters: int, num_probes: int, key: jax.Array, *,
-        progress: bool = False) -> SpectralDensity:
-    """SLQ spectral density of a symmetric operator (full re-orthogonalisation, LANDSCAPE §3)."""
+        probe_batch: int | None = None, progress: bool = False) -> SpectralDensity:
+    """SLQ spectral density of a symmetric operator (full re-orthogonalisation, LANDSCAPE §3).
+
+    Compiled: each group of `probe_batch` probes runs its Lanczos recurrences side by side (`vmap`
+    over the compiled Krylov loop; float64 recurrences, two Gram–Schmidt passes per step), with one
+    host round trip per group. probe_batch=None picks the largest group whose bases fit
+    DEFAULT_PROBE_MEMORY (probe_batch · (num_iters + 1) · D numbers); 1 runs the probes one by one.
+    The probes are `probe_vectors(key, num_probes, D)`, the same as `hutchinson`'s."""
     layout = Layout.from_template(template)
+    if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
+        raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+    if num_iters > layout.size:
+        raise ValueError(f"num_iters={num_iters} exceeds the number of parameters D = {layout.size}")
     probes = probe_vectors(key, num_probes, layout.size)
+    rows = basis_rows(int(num_iters))
+    if probe_batch is None:
+        probe_batch = probe_batch_size(num_probes, rows, layout.size, probes.dtype.itemsize)
+    if isinstance(probe_batch, bool) or not isinstance(probe_batch, (int, np.integer)) or probe_batch < 1:
+        raise ValueError(f"probe_batch must be a positive int or None, got {probe_batch!r}")
+    problem, dynamic = make_problem(matvec, layout, None, None)
     nodes, weights = [], []
-    for probe in tqdm(probes, desc="slq probes", disable=not progress, leave=False):
-        result = lanczos(matvec, template, num_iters, key, start=layout.unflatten(probe))
-        theta, tau = quadrature_from_tridiagonal(result.tridiagonal)
-        nodes.append(theta)
-        weights.append(tau)
+    bound = jnp.asarray(num_iters, jnp.int32)
+    for first in tqdm(range(0, num_probes, probe_batch), desc="slq probes", disable=not progress, leave=False):
+        group = probes[first:first + probe_batch]
+        if group.shape[0] < probe_batch:  # pad the last group: one compiled program for every group
+            group = jnp.concatenate([group, probes[: probe_batch - group.shape[0]]])
+        hess, steps, status = _krylov_batch(problem, dynamic, group, rows, bound)
+        hess, steps, status = np.asarray(hess, np.float64), np.asarray(steps), np.asarray(status)
+        for row in range(min(probe_batch, num_probes - first)):
+            if status[row] == STATUS_NONFINITE:
+                _raise_nonfinite(int(steps[row]) - 1)
+            k = int(steps[row])
+            theta, tau = quadrature_from_tridiagonal(tridiagonal_from_hessenberg(hess[row, : k + 1, :k], k))
+            nodes.append(theta)
+            weights.append(tau)
     return SpectralDensity(nodes, weights, layout.size)
 
 
@@ -140,19 +186,47 @@ class TraceEstimate:
     diagonal: PyTree | None = None
 
 
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _probe_products(problem, dynamic, key, indices: jax.Array, size: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """(z_lᵀ A z_l for each probe index l, Σ_l z_l ⊙ A z_l) in one program: the probes (the same draws as
+    `probe_vectors`) are generated inside it and applied vmapped; index −1 marks padding (weight 0)."""
+    keep = (indices >= 0).astype(dtype)
+    probes = _probes(key, jnp.maximum(indices, 0), size, dtype) * keep[:, None]
+    products = jax.vmap(lambda z: problem.apply(dynamic, z).astype(z.dtype))(probes)
+    finite = jnp.all(jnp.isfinite(products), axis=1)
+    samples = jnp.einsum("pd,pd->p", probes, products, precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(finite, samples, jnp.nan), jnp.sum(probes * products, axis=0)
+
+
 def hutchinson(matvec: Callable[[PyTree], PyTree], template: PyTree, num_probes: int, key: jax.Array, *,
-               diagonal: bool = False, progress: bool = False) -> TraceEstimate:
-    """tr(A) (and optionally diag(A)) from `num_probes` Rademacher probes (module docstring)."""
+               diagonal: bool = False, probe_batch: int | None = None, progress: bool = False) -> TraceEstimate:
+    """tr(A) (and optionally diag(A)) from `num_probes` Rademacher probes (module docstring).
+
+    Compiled: groups of `probe_batch` probes (None: as many as fit DEFAULT_PROBE_MEMORY of (D,)
+    products) are applied by one vmapped program; a non-finite product raises FloatingPointError."""
     layout = Layout.from_template(template)
-    apply_flat = flat_operator(matvec, layout)
-    probes = probe_vectors(key, num_probes, layout.size)
+    if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
+        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+    dtype = np.dtype(basis_dtype())
+    if probe_batch is None:
+        probe_batch = probe_batch_size(num_probes, 2, layout.size, dtype.itemsize)
+    if isinstance(probe_batch, bool) or not isinstance(probe_batch, (int, np.integer)) or probe_batch < 1:
+        raise ValueError(f"probe_batch must be a positive int or None, got {probe_batch!r}")
+    problem, dynamic = make_problem(matvec, layout, None, None)
     samples, diag_sum = [], None
-    for probe in tqdm(probes, desc="hutchinson", disable=not progress, leave=False):
-        product = apply_flat(probe).astype(probe.dtype)
-        samples.append(float(jnp.dot(probe, product, precision=jax.lax.Precision.HIGHEST)))
+    for first in tqdm(range(0, num_probes, probe_batch), desc="hutchinson", disable=not progress, leave=False):
+        count = min(probe_batch, num_probes - first)
+        indices = np.full(probe_batch, -1, np.int32)
+        indices[:count] = np.arange(first, first + count)
+        values, diag_part = _probe_products(problem, dynamic, key, jnp.asarray(indices), layout.size, dtype)
+        values = np.asarray(values, np.float64)[:count]
+        if not np.all(np.isfinite(values)):
+            raise FloatingPointError(
+                f"the operator returned a non-finite vector (NaN or Inf) for Hutchinson probe "
+                f"{first + int(np.argmin(np.isfinite(values)))}; check the matvec before estimating its trace")
+        samples.extend(values.tolist())
         if diagonal:
-            term = probe * product
-            diag_sum = term if diag_sum is None else diag_sum + term
+            diag_sum = diag_part if diag_sum is None else diag_sum + diag_part
     samples = np.asarray(samples, np.float64)
     stderr = float(np.std(samples, ddof=1) / np.sqrt(len(samples))) if len(samples) > 1 else float("nan")
     diag_tree = layout.unflatten(diag_sum / num_probes) if diagonal else None

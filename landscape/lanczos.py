@@ -159,88 +159,224 @@ def tridiagonal_from_hessenberg(hessenberg: np.ndarray, k: int) -> np.ndarray:
     return np.diag(diag) + np.diag(off, 1) + np.diag(off, -1)
 
 
+def eigh_tridiagonal(diagonal: np.ndarray, off_diagonal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of the symmetric tridiagonal matrix
+    tridiag(off; diagonal; off), float64 LAPACK ?stemr via SciPy: O(k²), and free of the multi-threaded
+    BLAS start-up that makes a dense `np.linalg.eigh` of a 60 × 60 matrix cost 0.1 s next to XLA's
+    thread pool on a loaded machine."""
+    diagonal = np.asarray(diagonal, np.float64)
+    off_diagonal = np.asarray(off_diagonal, np.float64)
+    if diagonal.size == 1:
+        return diagonal.copy(), np.ones((1, 1))
+    import scipy.linalg  # a dependency of scikit-learn, always installed with the project
+
+    return scipy.linalg.eigh_tridiagonal(diagonal, off_diagonal)
+
+
 def ritz_decomposition(t: np.ndarray, beta_last: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """eigh of the symmetric float64 matrix T → (θ descending, S with matching columns, residuals
-    β_k |S[k−1, i]|)."""
-    values, vectors = np.linalg.eigh(np.asarray(t, np.float64))
+    """eigh of the symmetric tridiagonal float64 matrix T → (θ descending, S with matching columns,
+    residuals β_k |S[k−1, i]|)."""
+    t = np.asarray(t, np.float64)
+    values, vectors = eigh_tridiagonal(np.diag(t), np.diag(t, 1))
     order = np.argsort(values)[::-1]
     values, vectors = values[order], vectors[:, order]
     return values, vectors, np.abs(beta_last) * np.abs(vectors[-1, :])
 
 
 # ----------------------------------------------------------------------------------------------
-# The Krylov driver on flat vectors
+# The compiled Krylov driver on flat vectors
 # ----------------------------------------------------------------------------------------------
 
-@jax.jit
-def _orthogonalise_full(basis: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Two classical Gram–Schmidt passes against every row of `basis` (unused rows are zero)."""
-    h1 = jnp.matmul(basis, w, precision=_HIGHEST)
-    w = w - jnp.matmul(h1, basis, precision=_HIGHEST)
-    h2 = jnp.matmul(basis, w, precision=_HIGHEST)
-    w = w - jnp.matmul(h2, basis, precision=_HIGHEST)
-    return w, h1 + h2
+EXACT_ROWS_FROM = 256  # num_iters ≥ this: the basis has exactly num_iters + 1 rows (no padding, no copy)
+ROW_BUCKET = 16        # below it: rows rounded up to a multiple of 16, so a new num_iters rarely recompiles
+STATUS_RUNNING, STATUS_BREAKDOWN, STATUS_NONFINITE = 0, 1, 2
 
 
-@jax.jit
-def _orthogonalise_three_term(basis: jax.Array, w: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Plain Lanczos: subtract only the components along v_{j−1} and v_j (no re-orthogonalisation).
-    Kept to demonstrate the loss of orthogonality and ghost eigenvalues (LANDSCAPE §2.1, test 5)."""
-    rows = jnp.arange(basis.shape[0])
-    mask = ((rows == j) | (rows == j - 1)).astype(basis.dtype)
-    h = jnp.matmul(basis, w, precision=_HIGHEST) * mask
-    return w - jnp.matmul(h, basis, precision=_HIGHEST), h
+def basis_rows(num_iters: int) -> int:
+    """Rows allocated for the Krylov basis of a `num_iters`-step run (the compiled program's static shape).
+
+    Short runs share a program per 16-row bucket (`num_iters` itself is a traced loop bound, so 50, 55
+    and 60 steps compile once; the padding costs at most 15 extra rows in each re-orthogonalisation); long runs (≥ 256 steps) allocate exactly num_iters + 1 rows so the
+    k·n basis is never padded or copied."""
+    if num_iters + 1 >= EXACT_ROWS_FROM:
+        return int(num_iters) + 1
+    return int(-(-(num_iters + 1) // ROW_BUCKET) * ROW_BUCKET)
 
 
-@functools.partial(jax.jit, donate_argnums=0)  # the basis is updated in place, not copied each step
-def _normalise_into(basis: jax.Array, w: jax.Array, norm: jax.Array, row: jax.Array) -> jax.Array:
-    return basis.at[row].set(w / norm)
+@dataclasses.dataclass(frozen=True)
+class FlatProblem:
+    """The static part of a compiled Krylov program: how a flat vector u ∈ R^n becomes A u ∈ R^n.
+
+    n = D (u ↦ flatten(A(unflatten(u)))) or, with a sketch, n = m (u ↦ Φ A Φᵀ u). `matvec` is either
+    `matvec(tree)` or, when `pure`, `matvec(args, tree)` with the arrays `args` passed to the compiled
+    program as arguments (`landscape.operators.LinearOperator`): then a new parameter point reuses
+    the compiled program instead of baking the parameters in as constants. Hashable: jit caches one
+    program per (problem, basis shape, dtype)."""
+
+    matvec: Callable
+    pure: bool
+    layout: Layout
+    sketch: Sketch | None
+    matvec_dtype: np.dtype
+    reorthogonalize: bool = True
+
+    def apply(self, dynamic, u: jax.Array) -> jax.Array:
+        args, state = dynamic
+        if self.sketch is None:
+            tree = cast_to_layout(self.layout.unflatten(u), self.layout)
+        else:
+            tree = cast_to_layout(self.sketch.transpose(state, u), self.layout)
+        out = self.matvec(args, tree) if self.pure else self.matvec(tree)
+        return self.layout.flatten(out) if self.sketch is None else self.sketch.apply(state, out)
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def _arnoldi_step(problem: FlatProblem, dynamic, basis, hess, scale, status, steps, j, num_iters):
+    """One Arnoldi step j for one start vector; a run whose status is no longer 0 is left unchanged.
+
+    basis (rows, n) holds v_1..v_{j+1} (zeros below), hess (rows, rows−1) the Hessenberg columns so
+    far, scale the running max ‖A v_i‖ (a lower bound on ‖A‖), status 0 running / 1 breakdown /
+    2 non-finite matvec output, steps the number of steps taken."""
+    eps = float(np.finfo(problem.matvec_dtype).eps)
+    rows = basis.shape[0]
+    row_ids = jnp.arange(rows)
+    running = status == STATUS_RUNNING
+    w = problem.apply(dynamic, basis[j]).astype(basis.dtype)
+    finite = jnp.all(jnp.isfinite(w))
+    w = jnp.where(finite, w, jnp.zeros_like(w))  # keep the carry clean; the host raises
+    if problem.reorthogonalize:  # classical Gram–Schmidt twice against every stored row (unused rows are 0)
+        h1 = _dot(basis, w)
+        w1 = w - _dot(h1, basis)
+        h2 = _dot(basis, w1)
+        new = w1 - _dot(h2, basis)
+        h = h1 + h2
+    else:  # plain three-term Lanczos: only v_{j−1} and v_j
+        mask = ((row_ids == j) | (row_ids == j - 1)).astype(basis.dtype)
+        h = _dot(basis, w) * mask
+        new = w - _dot(h, basis)
+    new_scale = jnp.maximum(scale, jnp.sqrt(_dot(w, w)))
+    beta = jnp.sqrt(_dot(new, new))
+    broke = (j + 1 < num_iters) & (beta <= BREAKDOWN_FACTOR * eps * new_scale)
+    column = jnp.where(row_ids == j + 1, jnp.where(broke, 0.0, beta), jnp.where(row_ids <= j, h, 0.0))
+    zero = jnp.zeros((), j.dtype)
+    old_column = jax.lax.dynamic_slice(hess, (zero, j), (rows, 1))[:, 0]
+    column = jnp.where(running & finite, column.astype(hess.dtype), old_column)
+    hess = jax.lax.dynamic_update_slice(hess, column[:, None], (zero, j))
+    target = jnp.minimum(j + 1, rows - 1)
+    old_row = jax.lax.dynamic_slice(basis, (target, zero), (1, basis.shape[1]))[0]
+    write = running & finite & ~broke & (beta > 0)
+    new_row = jnp.where(write, new / jnp.where(beta > 0, beta, 1.0), jnp.where(running & finite, 0.0, old_row))
+    basis = jax.lax.dynamic_update_slice(basis, new_row[None, :], (target, zero))
+    next_status = jnp.where(~finite, STATUS_NONFINITE, jnp.where(broke, STATUS_BREAKDOWN, STATUS_RUNNING))
+    status = jnp.where(running, next_status, status).astype(jnp.int32)
+    steps = jnp.where(running, j + 1, steps).astype(jnp.int32)
+    scale = jnp.where(running, new_scale, scale)
+    return basis, hess, scale, status, steps
+
+
+def _krylov_loop(problem: FlatProblem, dynamic, basis, hess, scale, status, j, stop, num_iters):
+    """Arnoldi steps j..stop−1 of one run inside one XLA while-loop (no host round trip); stops early
+    at a breakdown or at the first non-finite matvec output. Returns (j, basis, hess, scale, status)."""
+
+    def cond(carry):
+        j, _, _, _, status = carry
+        return (j < stop) & (status == STATUS_RUNNING)
+
+    def body(carry):
+        j, basis, hess, scale, status = carry
+        basis, hess, scale, status, _ = _arnoldi_step(problem, dynamic, basis, hess, scale, status, j, j, num_iters)
+        return j + 1, basis, hess, scale, status
+
+    return jax.lax.while_loop(cond, body, (j, basis, hess, scale, status))
+
+
+# The basis and H are updated in place, chunk after chunk (donated buffers).
+_krylov_steps = jax.jit(_krylov_loop, static_argnums=0, donate_argnums=(2, 3))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _krylov_batch(problem: FlatProblem, dynamic, starts: jax.Array, rows: int, num_iters):
+    """Full runs from the rows of `starts` side by side (SLQ probes): one while-loop with a shared step
+    counter whose body is the vmapped Arnoldi step (a finished probe is left unchanged; the loop ends
+    when every probe has finished). Returns (hess (p, rows, rows−1), steps (p,), status (p,))."""
+    basis, hess, scale, status, _ = jax.vmap(lambda s: _initial_state(s, rows))(starts)
+    steps = jnp.zeros_like(status)
+    step = jax.vmap(lambda b, h, s, st, k, j: _arnoldi_step(problem, dynamic, b, h, s, st, k, j, num_iters),
+                    in_axes=(0, 0, 0, 0, 0, None))
+
+    def cond(carry):
+        j, _, _, _, status, _ = carry
+        return (j < num_iters) & jnp.any(status == STATUS_RUNNING)
+
+    def body(carry):
+        j, basis, hess, scale, status, steps = carry
+        basis, hess, scale, status, steps = step(basis, hess, scale, status, steps, j)
+        return j + 1, basis, hess, scale, status, steps
+
+    _, _, hess, _, status, steps = jax.lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), basis, hess, scale, status, steps))
+    return hess, steps, status
+
+
+def _initial_state(start: jax.Array, rows: int):
+    norm = jnp.sqrt(_dot(start, start))
+    basis = jnp.zeros((rows, start.shape[0]), start.dtype).at[0].set(start / norm)
+    hess = jnp.zeros((rows, rows - 1), start.dtype)
+    return basis, hess, jnp.zeros((), start.dtype), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+
+
+_initial_state_jit = jax.jit(_initial_state, static_argnums=1)
 
 
 def _norm(x: jax.Array) -> float:
     return float(jnp.sqrt(jnp.dot(x, x, precision=_HIGHEST)))
 
 
-def _krylov(
-    apply_flat: Callable[[jax.Array], jax.Array],
-    start: jax.Array,
-    num_iters: int,
-    matvec_dtype: np.dtype,
-    *,
-    reorthogonalize: bool,
-    progress: bool,
-    description: str,
-) -> tuple[np.ndarray, jax.Array, int, bool]:
-    """Runs up to `num_iters` Arnoldi steps; returns (H (k+1, k) float64, basis (k_max+1, n), k, breakdown)."""
-    n = start.shape[0]
-    dtype = start.dtype
-    basis = jnp.zeros((num_iters + 1, n), dtype)
+def _check_start(start: jax.Array) -> None:
     start_norm = _norm(start)
     if not np.isfinite(start_norm) or start_norm == 0.0:
         raise ValueError(f"start vector has norm {start_norm}; it must be finite and non-zero")
-    basis = _normalise_into(basis, start, jnp.asarray(start_norm, dtype), 0)
-    hessenberg = np.zeros((num_iters + 1, num_iters), np.float64)
-    eps = float(np.finfo(matvec_dtype).eps)
-    operator_scale = 0.0
-    steps = tqdm(range(num_iters), desc=description, disable=not progress, leave=False)
-    for j in steps:
-        w = apply_flat(basis[j]).astype(dtype)
-        operator_scale = max(operator_scale, _norm(w))  # ‖A v_j‖ ≤ ‖A‖, a lower bound that grows to it
-        if not np.isfinite(operator_scale):
-            raise FloatingPointError(f"the matvec returned a non-finite vector at iteration {j}")
-        if reorthogonalize:
-            w, h = _orthogonalise_full(basis, w)
-        else:
-            w, h = _orthogonalise_three_term(basis, w, j)
-        beta = _norm(w)
-        hessenberg[: j + 1, j] = np.asarray(h[: j + 1], np.float64)
-        hessenberg[j + 1, j] = beta
-        if j + 1 < num_iters and beta <= BREAKDOWN_FACTOR * eps * operator_scale:
-            hessenberg[j + 1, j] = 0.0
-            return hessenberg[: j + 2, : j + 1], basis, j + 1, True
-        if j + 1 < num_iters or beta > 0.0:
-            basis = _normalise_into(basis, w, jnp.asarray(beta, dtype), j + 1)
-    return hessenberg, basis, num_iters, False
+
+
+def _raise_nonfinite(iteration: int) -> None:
+    raise FloatingPointError(
+        f"the operator returned a non-finite vector (NaN or Inf) at Krylov iteration {iteration}; check the "
+        "matvec (e.g. a loss that overflows, log(0), or a diverged checkpoint) before computing its spectrum")
+
+
+def _krylov(problem: FlatProblem, dynamic, start: jax.Array, num_iters: int, *, progress: bool,
+            description: str, stop_after: int | None = None) -> tuple[np.ndarray, jax.Array, int, bool]:
+    """Runs up to `num_iters` Arnoldi steps; returns (H (k+1, k) float64, basis (num_iters+1, n), k, breakdown).
+
+    One compiled call per chunk (the whole run when progress is off); the only host round trips are
+    one per chunk, to read the step count and status."""
+    _check_start(start)
+    rows = basis_rows(num_iters)
+    basis, hess, scale, status, j = _initial_state_jit(start, rows)
+    chunk = num_iters if not progress else max(1, -(-num_iters // 20))
+    if stop_after is not None:  # warm_up: compile the program of this configuration, run `stop_after` steps
+        chunk = stop_after
+    bound = jnp.asarray(num_iters, jnp.int32)
+    with tqdm(total=num_iters, desc=description, disable=not progress, leave=False) as bar:
+        done = 0
+        while True:
+            stop = jnp.asarray(min(done + chunk, num_iters), jnp.int32)
+            j, basis, hess, scale, status = _krylov_steps(problem, dynamic, basis, hess, scale, status, j, stop,
+                                                          bound)
+            steps, code = int(j), int(status)
+            bar.update(steps - done)
+            done = steps
+            if code != STATUS_RUNNING or done >= num_iters or stop_after is not None:
+                break
+    if code == STATUS_NONFINITE:
+        _raise_nonfinite(steps - 1)
+    hessenberg = np.asarray(hess, np.float64)[: steps + 1, :steps]
+    if basis.shape[0] != num_iters + 1:
+        basis = basis[: num_iters + 1]
+    return hessenberg, basis, steps, code == STATUS_BREAKDOWN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,8 +429,24 @@ def sketched_operator(matvec: Matvec, sketch: Sketch, state, layout: Layout) -> 
     return apply_sketched
 
 
+def make_problem(matvec: Matvec, layout: Layout, sketch: Sketch | None, state, *,
+                 reorthogonalize: bool = True) -> tuple[FlatProblem, Any]:
+    """(static problem, dynamic arguments) of the compiled Krylov program for `matvec`.
+
+    A matvec that exposes `pure_fn(args, tree)` and `args` (`landscape.operators.LinearOperator`, what
+    `hvp_fn` returns) passes `args` (parameters, batches) as program arguments; any other matvec must
+    be a traceable function of its input tree and is compiled with whatever it closes over."""
+    pure_fn = getattr(matvec, "pure_fn", None)
+    if pure_fn is not None:
+        return (FlatProblem(pure_fn, True, layout, sketch, layout.compute_dtype, reorthogonalize),
+                (matvec.args, state))
+    if not callable(matvec):
+        raise ValueError(f"matvec must be callable, got {type(matvec).__name__}")
+    return FlatProblem(matvec, False, layout, sketch, layout.compute_dtype, reorthogonalize), (None, state)
+
+
 def _run(matvec, template, num_iters, key, *, sketch, start, start_distribution, reorthogonalize, progress,
-         description):
+         description, stop_after=None):
     layout = Layout.from_template(template)
     if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
         raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
@@ -302,14 +454,12 @@ def _run(matvec, template, num_iters, key, *, sketch, start, start_distribution,
     key_start, key_sketch = jax.random.split(key)
     if sketch is None:
         n = layout.size
-        apply_flat = flat_operator(matvec, layout)
         sketch_obj = state = None
         if start is not None:
             start = layout.flatten(start)
     else:
         sketch_obj, state = _resolve_sketch(sketch, key_sketch, template)
         n = sketch_obj.m
-        apply_flat = sketched_operator(matvec, sketch_obj, state, layout)
         if start is not None:
             start = jnp.asarray(start)
             if start.shape != (n,):
@@ -319,10 +469,19 @@ def _run(matvec, template, num_iters, key, *, sketch, start, start_distribution,
         raise ValueError(f"num_iters={num_iters} exceeds {where} = {n}; a Krylov space has at most {n} dimensions")
     if start is None:
         start = _start_vector(key_start, n, dtype, start_distribution)
-    hessenberg, basis, k, breakdown = _krylov(
-        apply_flat, start.astype(dtype), int(num_iters), layout.compute_dtype,
-        reorthogonalize=reorthogonalize, progress=progress, description=description)
+    problem, dynamic = make_problem(matvec, layout, sketch_obj, state, reorthogonalize=reorthogonalize)
+    hessenberg, basis, k, breakdown = _krylov(problem, dynamic, start.astype(dtype), int(num_iters),
+                                              progress=progress, description=description, stop_after=stop_after)
     return layout, sketch_obj, state, hessenberg, basis, k, breakdown
+
+
+def warm_up(matvec: Matvec, template: PyTree, num_iters: int, key: jax.Array, *,
+            sketch: Sketch | tuple | None = None, reorthogonalize: bool = True) -> None:
+    """Compiles the Krylov program that `lanczos` / `arnoldi` with these arguments will use (one
+    program per operator, template, sketch and `basis_rows(num_iters)`) by running a single step, so
+    that a benchmark can time or measure the memory of a run without XLA's compiler in it."""
+    _run(matvec, template, num_iters, key, sketch=sketch, start=None, start_distribution="rademacher",
+         reorthogonalize=reorthogonalize, progress=False, description="warm-up", stop_after=1)
 
 
 def lanczos(

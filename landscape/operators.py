@@ -22,6 +22,7 @@ for a mean loss). The result equals the unsharded `hvp_fn` to float tolerance (s
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -58,6 +59,39 @@ def _weighted_sum(fractions: Sequence[float], trees) -> PyTree:
     return result
 
 
+class LinearOperator:
+    """A linear map on PyTrees written as `pure_fn(args, tree)` with its arrays `args` kept apart.
+
+    Calling it applies `jax.jit(pure_fn)(args, tree)`. The Krylov drivers (`landscape.lanczos`,
+    `arnoldi`, `slq`, `hutchinson`) recognise the split and pass `args` (parameters, batches) into
+    their compiled loops as arguments, so one compiled program serves every parameter point of a
+    training run (same `pure_fn`, same shapes) and nothing large is baked into it as a constant.
+    `pure_fn` must be hashable and stable across calls (a module-level or cached function)."""
+
+    def __init__(self, pure_fn: Callable[[Any, PyTree], PyTree], args: Any):
+        self.pure_fn = pure_fn
+        self.args = args
+
+    def __call__(self, vector: PyTree) -> PyTree:
+        return _jitted(self.pure_fn)(self.args, vector)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn):
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _pure_hvp(loss_fn: Callable, fractions: tuple[float, ...]) -> Callable:
+    """(params, batches), v ↦ Σ_b fraction_b · H_b v; one function per (loss_fn, batch weights)."""
+
+    def pure(args, vector):
+        params, batches = args
+        return _weighted_sum(fractions, (hvp(loss_fn, params, batch, vector) for batch in batches))
+
+    return pure
+
+
 def hvp_fn(
     loss_fn: Callable[[PyTree, Any], jax.Array],
     params: PyTree,
@@ -68,20 +102,17 @@ def hvp_fn(
 ) -> Callable[[PyTree], PyTree]:
     """matvec(v) = H v for the Hessian of the example-weighted mean of `loss_fn` over `batches` at `params`.
 
-    `batches` is a non-empty sequence of batches (one batch is fine: `[batch]`). Returns a function of a
-    PyTree shaped like `params`, in the parameters' dtype. With `mesh` (a `jax.sharding.Mesh`), every
-    batch is split over the mesh axis `data_axis` (see the module docstring); the result is then a
-    PyTree of global arrays placed like the parameters.
+    `batches` is a non-empty sequence of batches (one batch is fine: `[batch]`). Returns a
+    `LinearOperator` (a function of a PyTree shaped like `params`, in the parameters' dtype) whose
+    parameters and batches are arguments of the compiled Krylov loops, not constants. With `mesh`
+    (a `jax.sharding.Mesh`), every batch is split over the mesh axis `data_axis` (see the module
+    docstring); the result is then a PyTree of global arrays placed like the parameters.
     """
     if mesh is not None:
         return sharded_hvp_fn(loss_fn, params, batches, mesh, data_axis=data_axis)
     fractions = _batch_fractions(batches)
-    batch_hvp = jax.jit(lambda p, batch, v: hvp(loss_fn, p, batch, v))
-
-    def matvec(vector: PyTree) -> PyTree:
-        return _weighted_sum(fractions, (batch_hvp(params, batch, vector) for batch in batches))
-
-    return matvec
+    batches = [jax.tree_util.tree_map(jnp.asarray, batch) for batch in batches]
+    return LinearOperator(_pure_hvp(loss_fn, tuple(fractions)), (params, batches))
 
 
 def sharded_hvp_fn(
@@ -112,10 +143,15 @@ def sharded_hvp_fn(
             pieces.append((fraction * (n - head) / n, sharded.replicate(part, mesh)))
     batch_hvp = jax.jit(lambda p, batch, v: hvp(loss_fn, p, batch, v), out_shardings=param_shardings)
 
+    def place(v, p):
+        if isinstance(v, jax.core.Tracer):  # inside a compiled Krylov loop: a sharding constraint
+            return jax.lax.with_sharding_constraint(v.astype(p.dtype), p.sharding)
+        if getattr(v, "sharding", None) == p.sharding and v.dtype == p.dtype:
+            return v
+        return sharded.put(jnp.asarray(v, p.dtype), p.sharding)
+
     def matvec(vector: PyTree) -> PyTree:
-        vector = jax.tree_util.tree_map(
-            lambda v, p: v if getattr(v, "sharding", None) == p.sharding and v.dtype == p.dtype
-            else sharded.put(jnp.asarray(v, p.dtype), p.sharding), vector, params)
+        vector = jax.tree_util.tree_map(place, vector, params)
         return _weighted_sum([w for w, _ in pieces], (batch_hvp(params, b, vector) for _, b in pieces))
 
     return matvec
