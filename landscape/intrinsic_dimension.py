@@ -62,9 +62,18 @@ class Subspace:
         return self.sketch.m
 
     def params(self, z: jax.Array) -> PyTree:
-        offset = self.sketch.transpose(self.state, self.scale * z)
-        offset = jax.tree_util.tree_map(lambda o, t: o.astype(t.dtype), offset, self.theta0)
-        return add_to_params(self.theta0, offset)
+        return self.params_at(self.theta0, self.state, z)
+
+    def params_at(self, theta0: PyTree, state: sketching.SketchState, z: jax.Array) -> PyTree:
+        """θ0 + √(d/D) Φᵀ z with θ0 and the sketch state passed explicitly (as jit arguments, so that
+        XLA never constant-folds a D-sized θ0 or stored sketch tables closed over by a jitted step)."""
+        offset = self.sketch.transpose(state, self.scale * z)
+        offset = jax.tree_util.tree_map(lambda o, t: o.astype(t.dtype), offset, theta0)
+        return add_to_params(theta0, offset)
+
+    def gradient_at(self, state: sketching.SketchState, grad_theta: PyTree) -> jax.Array:
+        """∇_z L = √(d/D) Φ ∇_θ L: the explicit form of the gradient w.r.t. z (paper eq. 5)."""
+        return self.scale * self.sketch.apply(state, grad_theta)
 
     def zeros(self) -> jax.Array:
         return jnp.zeros((self.dimension,), self.state.layout.compute_dtype)
@@ -110,28 +119,27 @@ def train_subspace(
     batch_at: Callable[[int], Any],
     num_steps: int,
     metric_fn: Callable[[PyTree], float],
+    mode: str = "explicit",
 ) -> SubspaceRun:
     """Minimises z ↦ loss_fn(θ0 + P z, batch) from z = 0 for `num_steps` optax steps; only z is
-    updated. Returns z, metric_fn(θ(z)), the last loss and the median wall time per step."""
+    updated (`mode`: see `masked_step_fn`). Returns z, metric_fn(θ(z)), the last loss and the median
+    wall time per step."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-
-    @jax.jit
-    def step(z, opt_state, batch):
-        loss, grad = jax.value_and_grad(lambda w: loss_fn(subspace.params(w), batch))(z)
-        updates, opt_state = optimizer.update(grad, opt_state, z)
-        return optax.apply_updates(z, updates), opt_state, loss
+    step = masked_step_fn(loss_fn, subspace, optimizer, mode=mode)
+    params_fn = jitted_params(subspace)
+    full = jnp.asarray(subspace.dimension, jnp.int32)  # nothing masked
 
     z = subspace.zeros()
     opt_state = optimizer.init(z)
     times, loss = [], jnp.nan
     for i in range(num_steps):
         start = time.perf_counter()
-        z, opt_state, loss = step(z, opt_state, batch_at(i))
+        z, opt_state, loss = step(z, opt_state, batch_at(i), full)
         loss = jax.block_until_ready(loss)
         times.append(time.perf_counter() - start)
     steady = times[1:] if len(times) > 1 else times  # the first step includes compilation
-    return SubspaceRun(z, float(metric_fn(subspace.params(z))), float(loss), float(np.median(steady)))
+    return SubspaceRun(z, float(metric_fn(params_fn(z))), float(loss), float(np.median(steady)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,10 +300,20 @@ def coordinate_mask(d: jax.Array | int, size: int, dtype=jnp.float32) -> jax.Arr
     return (jnp.arange(size) < d).astype(dtype)
 
 
+STEP_MODES = ("explicit", "implicit")
+
+
+def jitted_params(subspace: Subspace) -> Callable[[jax.Array], PyTree]:
+    """z ↦ θ(z), compiled once (θ0 and the sketch state as arguments)."""
+    core = jax.jit(subspace.params_at)
+    return lambda z: core(subspace.theta0, subspace.state, z)
+
+
 def masked_step_fn(
     loss_fn: Callable[[PyTree, Any], jax.Array],
     subspace: Subspace,
     optimizer: optax.GradientTransformation,
+    mode: str = "explicit",
 ) -> Callable:
     """A jitted step (z, opt_state, batch, d) -> (z, opt_state, loss) of the masked subspace training:
 
@@ -303,15 +321,30 @@ def masked_step_fn(
 
     with M_d = diag(1_{j<d}). Zeroing the gradient above d is the paper's rule (Listing 9); masking the
     update as well keeps the frozen coordinates exactly unchanged for any optax optimiser (weight decay,
-    momentum). d is a traced argument, so doubling d never recompiles."""
+    momentum). d is a traced argument, so doubling d never recompiles.
+
+    mode "explicit" (default): θ = θ0 + √(D_max/D)Φᵀz, (L, ∇θL) by one backward pass of the model, then
+    ∇zL = √(D_max/D) Φ ∇θL with the sketch's own `apply` (paper eq. 5): one Φᵀ and one Φ per step.
+    "implicit": autodiff of z ↦ L(θ(z)) through Φᵀ (paper eq. 4); the same gradient (tested), but on
+    CPU XLA compiles the fused backward of a 22M-parameter model through Φᵀ far worse (measured 5–10×
+    slower per step for MiniLM). θ0 and the sketch state are jit arguments, not closure constants."""
+    if mode not in STEP_MODES:
+        raise ValueError(f"mode={mode!r}; allowed values: {list(STEP_MODES)}")
 
     @jax.jit
-    def step(z, opt_state, batch, d):
-        loss, grad = jax.value_and_grad(lambda w: loss_fn(subspace.params(w), batch))(z)
+    def core(theta0, state, z, opt_state, batch, d):
+        if mode == "explicit":
+            loss, grad_theta = jax.value_and_grad(loss_fn)(subspace.params_at(theta0, state, z), batch)
+            grad = subspace.gradient_at(state, grad_theta).astype(z.dtype)
+        else:
+            loss, grad = jax.value_and_grad(lambda w: loss_fn(subspace.params_at(theta0, state, w), batch))(z)
         mask = coordinate_mask(d, z.shape[0], z.dtype)
         updates, opt_state = optimizer.update(grad * mask, opt_state, z)
         updates = jax.tree_util.tree_map(lambda u: u * mask.astype(u.dtype), updates)
         return optax.apply_updates(z, updates), opt_state, loss
+
+    def step(z, opt_state, batch, d):
+        return core(subspace.theta0, subspace.state, z, opt_state, batch, d)
 
     return step
 
@@ -416,6 +449,7 @@ def single_run_search(
     checkpoint_every: int | None = None,
     fingerprint: dict | None = None,
     quiet: bool = True,
+    mode: str = "explicit",
 ) -> SingleRunResult:
     """The paper's intrinsic-dimension search inside ONE training run (Schioppa 2024, Sec. 4 and
     App. B.5 Listing 9), for any sketch.
@@ -442,7 +476,8 @@ def single_run_search(
     dict naming everything that determines the run: task, optimiser, learning rate, …; the search's own
     arguments are added) resumes from it and reproduces the uninterrupted run; a checkpoint with another
     fingerprint raises `artifacts.FingerprintMismatchError` naming the differing fields (never resumed).
-    `max_steps` bounds the total optimiser steps (status "budget" when reached without D*).
+    `max_steps` bounds the total optimiser steps (status "budget" when reached without D*). `mode`:
+    how ∇_z L is computed (`masked_step_fn`).
     """
     d_max = subspace.dimension
     d_min = _check_positive_int("d_min", d_min)
@@ -461,13 +496,14 @@ def single_run_search(
                 "target": float(target_metric)}  # not max_steps: a larger budget continues a run
     checkpoint = _Checkpoint(checkpoint_path, {**(fingerprint or {}), **identity})
 
-    step_fn = masked_step_fn(loss_fn, subspace, optimizer)
+    step_fn = masked_step_fn(loss_fn, subspace, optimizer, mode=mode)
+    params_fn = jitted_params(subspace)
     z = subspace.zeros()
     opt_state = optimizer.init(z)
     restored = checkpoint.load(z, opt_state)
     if restored is None:
         d, step, status = d_min, 0, None
-        previous = float(metric_fn(subspace.params(z)))
+        previous = float(metric_fn(params_fn(z)))
         history = [{"step": 0, "d": d, "metric": previous, "loss": None}]
         schedule = [(0, d)]
     else:
@@ -500,7 +536,7 @@ def single_run_search(
             bar.update(1)
             bar.set_postfix(d=d)
         if step % interval == 0:
-            metric = float(metric_fn(subspace.params(z)))
+            metric = float(metric_fn(params_fn(z)))
             if not np.isfinite(metric):
                 raise FloatingPointError(f"the metric is {metric} at step {step} (d = {d}): training diverged; "
                                          "lower the learning rate")
@@ -534,6 +570,7 @@ def verification_run(
     metric_fn: Callable[[PyTree], float],
     d: int,
     num_steps: int,
+    mode: str = "explicit",
 ) -> SubspaceRun:
     """The paper's check of D*: train from z = 0 in the same D_max-dimensional subspace with only the
     first d = D*/2 coordinates trainable (fixed mask) for `num_steps` steps; D* is confirmed when the
@@ -542,7 +579,8 @@ def verification_run(
     num_steps = _check_positive_int("num_steps", num_steps)
     if d > subspace.dimension:
         raise ValueError(f"d must be <= the subspace dimension {subspace.dimension}, got {d}")
-    step_fn = masked_step_fn(loss_fn, subspace, optimizer)
+    step_fn = masked_step_fn(loss_fn, subspace, optimizer, mode=mode)
+    params_fn = jitted_params(subspace)
     z = subspace.zeros()
     opt_state = optimizer.init(z)
     times, loss = [], jnp.nan
@@ -552,4 +590,4 @@ def verification_run(
         loss = jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
     steady = times[1:] if len(times) > 1 else times
-    return SubspaceRun(z, float(metric_fn(subspace.params(z))), float(loss), float(np.median(steady)))
+    return SubspaceRun(z, float(metric_fn(params_fn(z))), float(loss), float(np.median(steady)))
