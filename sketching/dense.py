@@ -19,6 +19,7 @@ from sketching.base import Algorithm, register
 from sketching.layout import pad
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
+MAX_M = 2 ** 31 - 1  # XLA indexes the (m,) output and the (m, c) blocks with int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,10 @@ def make_plan(layout, m, distribution="gaussian", block_elements=1 << 20):
         raise ValueError(f"distribution={distribution!r}; allowed values: {list(DISTRIBUTIONS)}")
     if not isinstance(block_elements, int) or block_elements < 1:
         raise ValueError(f"block_elements must be a positive int, got {block_elements!r}")
+    if m > MAX_M:  # refuse before anything is allocated (the output alone is m numbers)
+        raise ValueError(f"m={m} exceeds the largest dense sketch dimension {MAX_M} (int32 indexing); its (m,) "
+                         f"output alone would need {m * 4 / 2 ** 30:.3g} GiB in float32 and every projection "
+                         "costs m·D multiply-adds. Use a smaller m")
     d = layout.size
     block = max(1, min(d, block_elements // m))
     return DensePlan(d=d, m=m, block=block, num_blocks=-(-d // block), distribution=distribution)

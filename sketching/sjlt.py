@@ -25,9 +25,18 @@ class SJLTPlan:
     nnz: int
 
 
+MAX_M = 2 ** 31 - 1  # hash values are drawn as int32 in [0, m)
+
+
 def make_plan(layout, m, nnz=1):
-    if not isinstance(nnz, int) or nnz < 1:
+    if isinstance(nnz, bool) or not isinstance(nnz, int) or nnz < 1:
         raise ValueError(f"nnz (non-zeros per column) must be a positive int, got {nnz!r}")
+    if m > MAX_M:  # refuse before the hash tables are drawn (randint in int32 would overflow)
+        raise ValueError(f"m={m} exceeds the largest sjlt sketch dimension {MAX_M} (hash values are int32); "
+                         f"its (m,) output alone would need {m * 4 / 2 ** 30:.3g} GiB in float32. Use a smaller m")
+    if nnz > m:
+        raise ValueError(f"nnz={nnz} (non-zeros per column) must be <= m={m}: a column cannot hold more "
+                         "distinct non-zeros than the sketch has rows")
     return SJLTPlan(d=layout.size, m=m, nnz=nnz)
 
 
