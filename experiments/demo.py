@@ -34,23 +34,20 @@ import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import sketching  # noqa: E402
-from attribution.evaluate import first_relevant_ranks, retrieval_metrics  # noqa: E402
-from attribution.scorers import cosine_scores  # noqa: E402
-from sketching.gradients import flatten_per_example  # noqa: E402
-from experiments.common import config_checks as checks  # noqa: E402
-from experiments.common import models as models_lib  # noqa: E402
-from experiments.common import train as train_lib  # noqa: E402
-from experiments.tasks import planted_lm  # noqa: E402
-from experiments.common.timing import median_time  # noqa: E402
-from experiments.common.workdir import Workdir, atomic_write_npz, atomic_write_text  # noqa: E402
+import sketching
+from attribution.evaluate import first_relevant_ranks, retrieval_metrics
+from attribution.scorers import cosine_scores
+from experiments.common import config_checks as checks
+from experiments.common import models as models_lib
+from experiments.common import plots
+from experiments.common import train as train_lib
+from experiments.common.timing import median_time
+from experiments.tasks import planted_lm
+from sketching.gradients import flatten_per_example
+from experiments.common.workdir import Workdir, atomic_write_npz, atomic_write_text
 
 EXACT = "exact"
 RAW_EXACT = "raw_exact"
@@ -89,33 +86,40 @@ def _plots(workdir: Workdir, curves: dict[str, np.ndarray], ks: list[int]) -> No
     steps = [r["step"] for r in records if "train/loss" in r]
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     evals = [(r["step"], r["eval/query_accuracy"]) for r in records if "eval/query_accuracy" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, label="train loss (summed over tokens)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per document")
+    fig, axes = plots.figure(1, 2, size=(11, 3.8))
+    loss_ax, accuracy_ax = axes[0]
+    loss_ax.plot(steps, losses, color="C0")
+    loss_ax.set_xlabel("training step")
+    loss_ax.set_ylabel("train loss per document")
+    loss_ax.set_title("training loss (summed over tokens)")
     if evals:
-        twin = ax.twinx()
-        twin.plot(*zip(*evals), "o-", color="tab:green", label="query accuracy")
-        twin.set_ylabel("query accuracy")
-        twin.set_ylim(-0.05, 1.05)
-    ax.set_title("tiny LM on planted facts")
-    fig.tight_layout()
-    fig.savefig(workdir.file("training.png"), dpi=120)
-    plt.close(fig)
+        accuracy_ax.plot(*zip(*evals), marker="o", color="C2")
+    accuracy_ax.set_ylim(-0.03, 1.03)
+    accuracy_ax.set_xlabel("training step")
+    accuracy_ax.set_ylabel("query accuracy")
+    accuracy_ax.set_title("planted facts answered (greedy next word)")
+    last = max(steps + [step for step, _ in evals] + [1])
+    for ax in (loss_ax, accuracy_ax):
+        ax.set_xlim(0, last * 1.03)
+        plots.integer_ticks(ax, "x")
+    plots.save(fig, workdir.file("training.png"))
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, ranks in curves.items():
-        grid = np.arange(1, max(ks) + 1)
-        ax.plot(grid, [np.mean(ranks <= k) for k in grid], label=name,
-                linestyle="--" if name in (EXACT, RAW_EXACT) else "-")
-    ax.set_xlabel("k")
+    fig, ax = plots.figure(size=(8.2, 4.0))
+    grid = np.arange(1, max(ks) + 1)
+    for i, (name, ranks) in enumerate(curves.items()):
+        reference = name in (EXACT, RAW_EXACT)
+        # References (unsketched gradients) drawn on top with hollow markers, so a sketch that matches
+        # them exactly stays visible underneath.
+        ax.plot(grid, [np.mean(ranks <= k) for k in grid], label=name, marker=plots.MARKERS[i % len(plots.MARKERS)],
+                markersize=7 if reference else 4, markerfacecolor="none" if reference else None,
+                linestyle="--" if reference else "-", alpha=0.9, zorder=3 if reference else 2)
+    ax.set_xlabel("k (documents retrieved per query)")
     ax.set_ylabel("recall@k")
     ax.set_ylim(0, 1.02)
     ax.set_title("planted-fact retrieval by gradient cosine similarity")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(workdir.file("retrieval.png"), dpi=120)
-    plt.close(fig)
+    ax.set_xticks([1] + list(range(5, max(ks) + 1, 5)))
+    plots.legend(ax, outside=True)
+    plots.save(fig, workdir.file("retrieval.png"))
 
 
 def _report(config, summary: dict, num_params: int, ks: list[int]) -> str:

@@ -28,13 +28,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter  # noqa: E402
 
 from attribution import ekfac  # noqa: E402
 from attribution.decompose import per_layer_scores, per_token_gradients  # noqa: E402
@@ -43,6 +41,7 @@ from attribution.scorers import cosine_scores, inverse_hvp  # noqa: E402
 from landscape import softmax_ggn_matvec, top_eigenvalue  # noqa: E402
 from experiments.common import config_checks as checks  # noqa: E402
 from experiments.common import data as data_lib  # noqa: E402
+from experiments.common import plots  # noqa: E402
 from experiments.common import models as models_lib  # noqa: E402
 from experiments.common import train as train_lib  # noqa: E402
 from experiments.common.tokenizers import WordTokenizer  # noqa: E402
@@ -631,7 +630,8 @@ def run(config, workdir: Workdir) -> dict:
 
 def _plot_pair(path: str, summary: dict, ex: dict, prefix: str = "") -> None:
     s = {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+    fig, grid = plots.figure(1, 3, size=(18, 4.8))
+    axes = grid[0]
     na, nb = ex["names_a"], ex["names_b"]
     labels = [f"A:{n}" for n in na] + [f"B:{n}" for n in nb]
     norms = [s[f"pair/token_norm/A/{n}"] for n in na] + [s[f"pair/token_norm/B/{n}"] for n in nb]
@@ -655,30 +655,35 @@ def _plot_pair(path: str, summary: dict, ex: dict, prefix: str = "") -> None:
     axes[2].axhline(0, color="k", lw=0.5)
     axes[2].set_xticks(xs, groups, rotation=40, ha="right", fontsize=8)
     axes[2].set_title("per-layer decomposition")
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.legend(axes[2])
+    axes[1].grid(False)
+    plots.save(fig, path)
 
 
 def _plot_ranking(path: str, summary: dict, ex: dict, prefix: str = "") -> None:
     s = {k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)}
     names, ranks = ex["names"], ex["ranks"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    axes[0].bar(names, [s[f"ranking/{n}/mrr"] for n in names], color="C2")
-    axes[0].axhline(s["ranking/chance_mrr"], color="k", ls="--", lw=0.8, label="chance")
-    axes[0].set(ylabel="MRR of the relevant training pair", ylim=(0, 1.05),
-                title=f"{'early' if prefix else 'trained'} model ({s['train_steps']} steps): retrieval per score")
-    axes[0].tick_params(axis="x", rotation=45)
-    axes[0].legend(fontsize=8)
-    axes[1].boxplot([ranks[n] for n in names], showmeans=True)
-    axes[1].set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right")
-    axes[1].set_yscale("log")
-    axes[1].set(ylabel="rank of the relevant pair (1 = best)",
+    fig, axes = plots.figure(1, 2, size=(13.5, 4.4))
+    mrr_ax, rank_ax = axes[0]
+    mrr_ax.bar(names, [s[f"ranking/{n}/mrr"] for n in names], color="C2")
+    plots.reference_line(mrr_ax, y=s["ranking/chance_mrr"], label="chance (random ranking)")
+    mrr_ax.set(ylabel="MRR of the relevant training pair", ylim=(0, 1.05),
+               title=f"{'early' if prefix else 'trained'} model ({s['train_steps']} steps): retrieval per score")
+    mrr_ax.tick_params(axis="x", rotation=45)
+    for label in mrr_ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    mrr_ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.08), borderaxespad=0.0)
+    rank_ax.boxplot([ranks[n] for n in names], showmeans=True)
+    rank_ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right")
+    rank_ax.set_yscale("log")
+    top = max(int(np.max(ranks[n])) for n in names)
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if t <= max(top, 1) * 1.5]
+    rank_ax.yaxis.set_major_locator(FixedLocator(ticks))
+    rank_ax.yaxis.set_major_formatter(FixedFormatter([str(t) for t in ticks]))
+    rank_ax.yaxis.set_minor_formatter(NullFormatter())
+    rank_ax.set(ylabel="rank of the relevant pair (1 = best)",
                 title=f"{s['ranking/num_queries']} queries, {s['ranking/num_documents']} training pairs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def _pair_section(s: dict, ex: dict) -> str:

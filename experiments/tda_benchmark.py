@@ -48,12 +48,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 import sketching  # noqa: E402
 from attribution import retrain, scorers  # noqa: E402
@@ -63,6 +60,7 @@ from attribution.index import build_index, params_hash, sketched_features_fn  # 
 from configs.tda_benchmark import SCORERS, SKETCHES, TASKS  # noqa: E402
 from experiments.common import config_checks as checks  # noqa: E402
 from experiments.common import data as data_lib  # noqa: E402
+from experiments.common import plots  # noqa: E402
 from experiments.common import models as models_lib  # noqa: E402
 from experiments.common import train as train_lib  # noqa: E402
 from experiments.tasks import planted_lm  # noqa: E402
@@ -573,7 +571,8 @@ def _headline(task: Task) -> str:
 
 def _plot(path: str, summary: dict, config) -> None:
     tasks = [t for t in config.tasks]
-    fig, axes = plt.subplots(len(tasks), 3, figsize=(17, 4.2 * len(tasks)), squeeze=False)
+    fig, axes = plots.figure(len(tasks), 3, size=(18, 4.6 * len(tasks)))
+    names = {"lds": "LDS", "mrr": "MRR"}
     for row, task in enumerate(tasks):
         metric = "mrr" if task == "facts_lm" else "lds"
         ax = axes[row, 0]
@@ -581,30 +580,42 @@ def _plot(path: str, summary: dict, config) -> None:
         width = 0.8 / len(reps)
         for i, rep in enumerate(reps):
             values = [summary.get(f"{task}/{s}/{rep}/{metric}", np.nan) for s in config.scorers]
-            ax.bar(np.arange(len(config.scorers)) + i * width, values, width, label=rep)
-        ax.set_xticks(np.arange(len(config.scorers)) + 0.4 - width / 2, config.scorers, rotation=30)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{task}: {metric} (sketches at m={config.sketch_dim})")
-        ax.legend(fontsize=7, ncol=2)
+            ax.bar(np.arange(len(config.scorers)) + i * width, values, width,
+                   label="exact gradients" if rep == "none" else rep)
+        ax.set_xticks(np.arange(len(config.scorers)) + 0.4 - width / 2, config.scorers, rotation=30, ha="right")
+        ax.set_ylabel(names[metric])
+        ax.set_title(f"{task}: {names[metric]} per scorer (sketches at m = {config.sketch_dim})")
+        plots.legend(ax, ncol=2)
         ax = axes[row, 1]
+        curves = {}
         for sketch in config.sketches:
             ms = [m for m in sorted(set(config.sketch_dims) | set(config.facts_sketch_dims))
                   if f"{task}/dot/{sketch}/corr_vs_none@m{m}" in summary]
-            ax.plot(ms, [summary[f"{task}/dot/{sketch}/corr_vs_none@m{m}"] for m in ms], "o-", label=sketch)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("m")
-        ax.set_ylabel("Pearson(sketched dot, exact dot)")
-        ax.set_title(f"{task}: sketch fidelity vs m")
-        ax.legend(fontsize=7)
+            curves[sketch] = (ms, [summary[f"{task}/dot/{sketch}/corr_vs_none@m{m}"] for m in ms])
+        if max((len(ms) for ms, _ in curves.values()), default=0) >= 2:
+            for i, (sketch, (ms, values)) in enumerate(curves.items()):
+                ax.plot(ms, values, marker=plots.MARKERS[i % len(plots.MARKERS)], label=sketch, alpha=0.85)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sketch dimension m")
+            ax.set_ylabel("Pearson(sketched dot, exact dot)")
+            ax.set_title(f"{task}: sketch fidelity vs m")
+            plots.legend(ax)
+        else:
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"{task}: one sketch dimension only in this preset\n(fidelity per sketch: report.md)",
+                    ha="center", va="center", transform=ax.transAxes)
         ax = axes[row, 2]
         prefix = f"{task}/layer_selection/"
         keys = sorted(k for k in summary if k.startswith(prefix) and k.endswith("/pearson_dot"))
-        ax.barh([k[len(prefix):-len("/pearson_dot")] for k in keys], [summary[k] for k in keys])
-        ax.set_xlabel("Pearson with whole-model exact dot")
-        ax.set_title(f"{task}: single layer vs whole-model sketch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        if len(keys) >= 2:
+            ax.barh([k[len(prefix):-len("/pearson_dot")] for k in keys], [summary[k] for k in keys])
+            ax.set_xlabel("Pearson with the whole-model exact dot")
+            ax.set_title(f"{task}: single layer vs whole-model sketch")
+        else:
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"{task}: layer selection not compared in this preset", ha="center", va="center",
+                    transform=ax.transAxes)
+    plots.save(fig, path)
 
 
 def _report(summary: dict, config) -> str:
@@ -621,8 +632,11 @@ def _report(summary: dict, config) -> str:
             for rep in ["none"] + list(config.sketches):
                 if f"{task}/{scorer}/{rep}/{metrics[0]}" not in summary:
                     continue
-                vals = [summary.get(f"{task}/{scorer}/{rep}/{k}", np.nan) for k in metrics + ["corr_vs_none"]]
-                lines.append(f"| {scorer} | {rep} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+                vals = [summary.get(f"{task}/{scorer}/{rep}/{k}") for k in metrics + ["corr_vs_none"]]
+                cells = ["—" if v is None or not np.isfinite(v) else f"{v:.3f}" for v in vals]
+                if rep == "none":
+                    cells[-1] = "(reference)"
+                lines.append(f"| {scorer} | {rep} | " + " | ".join(cells) + " |")
         brittle = sorted(k for k in summary if k.startswith(f"{task}/") and "/brittle@" in k)
         if brittle:
             lines += ["", "Brittleness (share of correct queries flipped by removing the top-k and retraining): "

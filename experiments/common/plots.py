@@ -1,8 +1,18 @@
-"""Shared plotting helpers for experiments: grids of line plots (log-log by default) saved as PNG.
+"""The one plotting style of every figure, and shared plot helpers, saved as PNG.
 
 Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
 state, no display needed) and written atomically (temporary file, then rename), like every other
-workdir file. A label keeps the same colour and marker in every panel of a figure.
+workdir file. `figure(...)` makes a figure in the house style (`STYLE`: readable font sizes, light
+grid, no top/right spines); `integer_ticks`, `reference_line`, `legend` and `save` cover the
+details a publication figure needs (integer ticks on integer axes, reference values drawn as lines
+rather than data series, legends that cover no data). A label keeps the same colour and marker in
+every panel of a `save_panel_grid` figure.
+
+    fig, ax = figure()
+    ax.plot(ks, recall, marker="o", label="afjl")
+    reference_line(ax, y=0.9, label="target")
+    integer_ticks(ax, "x"); legend(ax)
+    save(fig, "recall.png")
 
     panel = Panel(title="m = 1024", xlabel="D", ylabel="time (ms)",
                   series={"afjl": ([2**16, 2**18], [1.2, 4.8]), "dense": ([2**16], [260.0])})
@@ -16,10 +26,61 @@ import os
 import tempfile
 from typing import Mapping, Sequence
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
+
+STYLE = {
+    "font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 9.5,
+    "xtick.labelsize": 10, "ytick.labelsize": 10, "axes.spines.top": False, "axes.spines.right": False,
+    "axes.grid": True, "grid.alpha": 0.3, "lines.linewidth": 1.8, "lines.markersize": 5,
+    "legend.frameon": False, "figure.dpi": 130, "savefig.dpi": 130,
+}
+
+
+def figure(nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] | None = None, **subplot_kw):
+    """(Figure, axes) in the house style; axes is one Axes for 1×1, else a 2-D array (squeeze=False)."""
+    width, height = size or (6.4 * ncols, 4.0 * nrows)
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(width, height))
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
+    return fig, (axes[0][0] if nrows == ncols == 1 else axes)
+
+
+def integer_ticks(ax, which: str = "x") -> None:
+    """Only integer tick labels on an axis that counts things (k, rank, step, class count)."""
+    for name in which:
+        getattr(ax, f"{name}axis").set_major_locator(MaxNLocator(integer=True))
+
+
+def reference_line(ax, *, y: float | None = None, x: float | None = None, label: str | None = None,
+                   color: str = "0.35") -> None:
+    """A reference value (a target, a paper's number, chance level) as a thin dashed line, not a data series."""
+    if (y is None) == (x is None):
+        raise ValueError("reference_line takes exactly one of y= or x=")
+    draw = ax.axhline if y is not None else ax.axvline
+    draw(y if y is not None else x, color=color, linestyle=(0, (4, 3)), linewidth=1.0, label=label, zorder=1)
+
+
+def legend(ax, *, outside: bool = False, **kwargs):
+    """A legend that covers no data: matplotlib's best free spot, or to the right of the axes."""
+    with matplotlib.rc_context(STYLE):
+        if outside:
+            return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, **kwargs)
+        return ax.legend(loc="best", **kwargs)
+
+
+def save(fig: Figure, path: str) -> str:
+    """Lays the figure out and writes it atomically; returns `path`."""
+    with matplotlib.rc_context(STYLE):
+        fig.tight_layout()
+        _atomic_savefig(fig, path)
+    return path
 
 
 @dataclasses.dataclass
@@ -68,11 +129,12 @@ def save_panel_grid(
         for panel in row:
             labels.extend(label for label in panel.series if label not in labels)
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
-    markers = {label: _MARKERS[i % len(_MARKERS)] for i, label in enumerate(labels)}
+    markers = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(labels)}
+    # Coinciding series stay distinguishable: each label also gets its own dash pattern.
+    styles = {label: LINESTYLES[i % len(LINESTYLES)] for i, label in enumerate(labels)}
 
-    fig = Figure(figsize=(panel_size[0] * num_cols, panel_size[1] * num_rows + 0.6), dpi=dpi)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(num_rows, num_cols, squeeze=False)
+    fig, axes = figure(num_rows, num_cols, size=(panel_size[0] * num_cols, panel_size[1] * num_rows + 0.6))
+    fig.set_dpi(dpi)
     handles = {}
     for i, row in enumerate(rows):
         for j, panel in enumerate(row):
@@ -80,13 +142,14 @@ def save_panel_grid(
             for label, (xs, ys) in panel.series.items():
                 px, py = _points(panel, xs, ys)
                 if px:
-                    (line,) = ax.plot(px, py, marker=markers[label], color=colors[label], label=label, linewidth=1.5, markersize=4)
+                    (line,) = ax.plot(px, py, marker=markers[label], color=colors[label], label=label,
+                                      linestyle=styles[label], linewidth=1.5, markersize=5, alpha=0.85)
                     handles.setdefault(label, line)
             if panel.logx:
                 ax.set_xscale("log", base=panel.xscale_base)
             if panel.logy:
                 ax.set_yscale("log")
-            ax.set_title(panel.title, fontsize=10)
+            ax.set_title(panel.title)
             ax.set_xlabel(panel.xlabel)
             ax.set_ylabel(panel.ylabel)
             ax.grid(True, which="major", alpha=0.3)
@@ -96,8 +159,9 @@ def save_panel_grid(
                    ncol=min(len(ordered), 8), frameon=False)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
-    fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
-    _atomic_savefig(fig, path)
+    with matplotlib.rc_context(STYLE):
+        fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
+        _atomic_savefig(fig, path)
     return path
 
 
