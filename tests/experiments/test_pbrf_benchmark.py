@@ -1,0 +1,55 @@
+"""Smoke test of configs/pbrf_benchmark.py on a shrunken quick preset; resume reuses the stored PBRF solves."""
+import json
+import os
+
+import pytest
+
+from configs import pbrf_benchmark as config_lib
+from experiments import pbrf_benchmark
+from experiments.run import run_experiment
+
+
+def _tiny():
+    config = config_lib.get_config("quick")
+    config.num_queries = 3
+    config.digits.update(num_train=60, hidden=(8,), num_steps=50, tracin_checkpoints=2)
+    config.pbrf.digits_mlp.update(num_candidates=6, num_steps=60, chunk_size=3)
+    config.pbrf.facts_lm.update(num_candidates=4, num_steps=20, batch_size=4, chunk_size=2)
+    config.facts.data.update(num_facts=3, num_distractors=3, num_heldout=1)
+    config.facts.train.update(num_steps=10, batch_size=4, checkpoint_every=5, eval_every=10, warmup_steps=2)
+    config.facts.model.update(num_layers=1, d_model=16, num_heads=2)
+    config.lissa.update(depth=30, batch_size=8)
+    config.update(trak_dim=16, sketch_dim=16, cg_iters=30, power_iters=10, ekfac_batch=32)
+    return config
+
+
+def test_pbrf_benchmark_smoke(tmp_path):
+    config = _tiny()
+    summary = run_experiment(config, str(tmp_path), quiet=True)
+    for task in ("digits_mlp", "facts_lm"):
+        for method in ("gnh_if", "ekfac", "kfac", "trak", "tracin", "grad_cosine", "sketched_cosine", "repr_cosine"):
+            assert -1.0 <= summary[f"{task}/{method}/pearson"] <= 1.0, (task, method)
+            assert summary[f"{task}/{method}/seconds"] >= 0.0
+        assert summary[f"{task}/pbrf/residual_max"] < 1.0
+    assert "facts_lm/ngram_cosine/pearson" in summary and "digits_mlp/ngram_cosine/pearson" not in summary
+    for name in ("report.md", "pbrf_benchmark.png", "summary.json", "digits_mlp/pbrf/fingerprint.json"):
+        assert os.path.exists(tmp_path / name), name
+    stored = sorted(os.listdir(tmp_path / "digits_mlp" / "pbrf"))
+    assert len([f for f in stored if f.startswith("example_")]) == 6
+    with open(tmp_path / "summary.json") as f:
+        assert "digits_mlp/gnh_if/spearman" in json.load(f)
+
+
+def test_pbrf_benchmark_config_validation():
+    config = config_lib.get_config("quick")
+    config.methods = ("ekfac", "influence")
+    with pytest.raises(ValueError, match="config.methods"):
+        pbrf_benchmark.validate_config(config)
+    config = config_lib.get_config("quick")
+    config.pbrf.facts_lm.optimizer = "lbfgs"
+    with pytest.raises(ValueError, match="config.pbrf.facts_lm.optimizer"):
+        pbrf_benchmark.validate_config(config)
+    config = config_lib.get_config("quick")
+    config.damping = 0.0
+    with pytest.raises(ValueError, match="config.damping"):
+        pbrf_benchmark.validate_config(config)
