@@ -12,6 +12,15 @@ flat mapping of headline numbers to `DIR/summary.json`. The experiment appends t
 A mistake in the command line or the config (unknown file, preset or field, a value the
 experiment would reject) is printed as one message and exits with code 2; `--debug` shows the
 traceback instead.
+
+Reliability (docs/reliability.md): the runner holds an exclusive lock on `DIR/.lock` for the whole
+run, so a second runner on the same folder is refused at once (exit 2, naming the holder's pid). The
+config (without `quiet`) is the workdir's fingerprint, stored in `DIR/fingerprint.json`: rerunning a
+folder with other settings is refused naming every differing field (exit 2), so a summary never mixes
+the numbers of two settings, unless the config field `workdir_on_change="subfolder"` (accepted by
+every config, e.g. `--config.workdir_on_change=subfolder`) sends the run to a fresh subfolder
+`DIR/fp-<digest>/`. A run whose training diverges (non-finite loss or parameters) exits with code 1
+naming the step, and writes no summary.json.
 """
 from __future__ import annotations
 
@@ -24,10 +33,12 @@ import sys
 import time
 import warnings
 
+import artifacts
 import experiments
 from experiments.common.command_line import (UsageError, apply_override, format_preset_table, load_config,
                                              preset_table)
 from experiments.common.config_checks import ConfigError
+from experiments.common.train import TrainingDivergedError
 from experiments.common.workdir import Workdir, atomic_write_json
 
 
@@ -58,16 +69,76 @@ def check_workdir(path) -> str:
     return path
 
 
+ON_CHANGE_FIELD = "workdir_on_change"
+ON_CHANGE = ("error", "subfolder")
+NOT_FINGERPRINTED = ("quiet", ON_CHANGE_FIELD)
+
+
+def add_runner_fields(config) -> None:
+    """Adds the runner's own optional field `workdir_on_change` (default "error") so that
+    `--config.workdir_on_change=subfolder` works for every config."""
+    if ON_CHANGE_FIELD not in config:
+        with config.unlocked():
+            config[ON_CHANGE_FIELD] = "error"
+
+
+def workdir_fingerprint(config) -> dict:
+    """The settings a workdir's files depend on: the whole config except `quiet` and runner fields."""
+    return {k: v for k, v in config.to_dict().items() if k not in NOT_FINGERPRINTED}
+
+
+def _check_workdir_fingerprint(path: str, fields: dict) -> None:
+    """FingerprintMismatchError naming the differing fields when `path` holds the files of a run with
+    other settings (its fingerprint.json, or the config.json of a folder written before fingerprints)."""
+    hint = (f"use another --workdir, delete {path}, or pass --config.{ON_CHANGE_FIELD}=subfolder to run in a "
+            "fresh subfolder")
+    if os.path.exists(os.path.join(path, artifacts.FINGERPRINT_FILE)):
+        artifacts.check_fingerprint(path, fields, what="workdir", write=False, hint=hint)
+    elif os.path.exists(os.path.join(path, "config.json")):
+        stored = {k: v for k, v in artifacts.read_json(os.path.join(path, "config.json")).items()
+                  if k not in NOT_FINGERPRINTED}
+        artifacts.check_fields(path, stored, fields, what="workdir", hint=hint)
+
+
 def run_experiment(config, workdir_path: str, quiet: bool = False) -> dict:
-    """Runs one config end to end and returns the summary (also written to summary.json)."""
+    """Runs one config end to end and returns the summary (also written to summary.json), holding
+    the workdir lock and checking its fingerprint first (module docstring)."""
     check_workdir(workdir_path)
     if "experiment" not in config:
         raise ConfigError("config.experiment is missing; it names the module in experiments/ to run")
+    on_change = config.get(ON_CHANGE_FIELD, "error")
+    if on_change not in ON_CHANGE:
+        raise ConfigError(f"config.{ON_CHANGE_FIELD}={on_change!r}; allowed values: {list(ON_CHANGE)}")
+    if ON_CHANGE_FIELD in config:
+        with config.unlocked():
+            del config[ON_CHANGE_FIELD]
+    module = load_experiment(config.experiment)
+    module.validate_config(config)
+    fields = workdir_fingerprint(config)
+    os.makedirs(workdir_path, exist_ok=True)
+    with artifacts.exclusive_lock(os.path.join(workdir_path, ".lock"),
+                                  what=f"running an experiment in {os.path.abspath(workdir_path)}"):
+        try:
+            _check_workdir_fingerprint(workdir_path, fields)
+        except artifacts.FingerprintMismatchError:
+            if on_change != "subfolder":
+                raise
+            workdir_path = artifacts.subfolder_for(workdir_path, fields)
+            print(f"the settings differ from the run in {os.path.dirname(os.path.abspath(workdir_path))}; "
+                  f"running in the subfolder {workdir_path}", file=sys.stderr)
+            os.makedirs(workdir_path, exist_ok=True)
+            with artifacts.exclusive_lock(os.path.join(workdir_path, ".lock"),
+                                          what=f"running an experiment in {os.path.abspath(workdir_path)}"):
+                _check_workdir_fingerprint(workdir_path, fields)
+                return _run_locked(module, config, workdir_path, fields, quiet)
+        return _run_locked(module, config, workdir_path, fields, quiet)
+
+
+def _run_locked(module, config, workdir_path: str, fields: dict, quiet: bool) -> dict:
     stale = os.path.join(workdir_path, "summary.json")
     if os.path.exists(stale):  # a stale summary must never outlive a new (maybe failing) run
         os.remove(stale)
-    module = load_experiment(config.experiment)
-    module.validate_config(config)
+    artifacts.write_fingerprint(workdir_path, fields)
     workdir = Workdir(workdir_path)
     summary_path = workdir.file("summary.json")
     config_dict = config.to_dict()
@@ -162,14 +233,20 @@ def main(argv: list[str] | None = None) -> int:
                              "configs), e.g. --config configs/demo.py:quick --workdir runs/demo")
         check_workdir(args.workdir)
         config = load_config(args.config)
+        add_runner_fields(config)
         for key, value in overrides:
             apply_override(config, key, value)
         summary = run_experiment(config, args.workdir, quiet=args.quiet)
-    except (UsageError, ConfigError) as error:
+    except (UsageError, ConfigError, artifacts.FingerprintMismatchError, artifacts.LockedError) as error:
         if debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     del summary
     print(f"Results written to {os.path.abspath(args.workdir)} (summary.json, metrics.jsonl, config.json)")
     return 0

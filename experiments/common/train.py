@@ -8,11 +8,18 @@
   so a resumed run sees exactly the batches the uninterrupted run would have seen.
 * Checkpoints `WORKDIR/checkpoints/ckpt_<step>.safetensors` hold every leaf of the params and the
   optimizer state, named by its PyTree path (`params['block_0']['mlp_in']['kernel']`, ...), plus
-  the step in the metadata. Written atomically (temporary file + rename); never pickled. The newest
-  `keep_checkpoints` are kept.
-* Rerunning `train` with the same arguments restores the newest checkpoint and continues from its
-  step; because the update is deterministic and the batches depend only on the step, the final
-  parameters are bit-identical to an uninterrupted run (tested).
+  the step and `data_sha256` (sha256 over every tensor's name, dtype, shape and bytes) in the
+  metadata. Written atomically (temporary file + rename); never pickled. The newest
+  `keep_checkpoints` are kept. `restore_checkpoint` recomputes the digest and raises
+  `artifacts.CorruptArtifactError` naming the file when it differs.
+* Rerunning `train` with the same arguments restores the newest checkpoint that reads back intact
+  and continues from its step (a corrupt newest checkpoint is named in a warning, renamed to
+  `*.corrupt`, and the previous good one is used); because the update is deterministic and the
+  batches depend only on the step, the final parameters are bit-identical to an uninterrupted run
+  (tested).
+* Divergence: non-finite parameters (at the start, or at a logging step) or a non-finite training
+  loss raise `TrainingDivergedError` naming the first bad step; no checkpoint of a diverged state is
+  written.
 * Every `log_every` steps `train/loss` (mean of the steps since the last log) and the learning rate
   are appended to `metrics.jsonl`; every `eval_every` steps and at the end `eval_fn(params)`'s
   numbers are logged with the prefix `eval/`.
@@ -21,8 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import os
 import re
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -33,6 +42,7 @@ import safetensors.numpy
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+import artifacts
 from experiments.common import config_checks as checks
 from experiments.common import data as data_lib
 from experiments.common.workdir import Workdir, atomic_write_bytes
@@ -122,19 +132,53 @@ def _named_leaves(prefix: str, tree: PyTree) -> dict[str, Any]:
     return {prefix + jax.tree_util.keystr(path): leaf for path, leaf in leaves}
 
 
+class TrainingDivergedError(RuntimeError):
+    """The training loss or the parameters became non-finite; `.step` is the first bad step."""
+
+    def __init__(self, step: int, message: str):
+        self.step = step
+        super().__init__(message)
+
+
+def _tensors_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and row-major bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        header = f"{name}|{array.dtype.str}|{array.shape}\n".encode()
+        h.update(len(header).to_bytes(8, "little"))
+        h.update(header)
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str, step: int, params: PyTree, opt_state: PyTree) -> None:
-    """Writes params and optimizer state leaves to `path` (safetensors) atomically."""
+    """Writes params and optimizer state leaves to `path` (safetensors) atomically, with the step and
+    the tensors' sha256 (`data_sha256`) in the metadata."""
     arrays = {name: np.ascontiguousarray(np.asarray(leaf))
               for name, leaf in {**_named_leaves("params", params), **_named_leaves("opt_state", opt_state)}.items()}
-    blob = safetensors.numpy.save(arrays, metadata={"step": str(int(step))})
+    blob = safetensors.numpy.save(arrays, metadata={"step": str(int(step)), "data_sha256": _tensors_digest(arrays)})
     atomic_write_bytes(path, blob)
 
 
 def restore_checkpoint(path: str, params_template: PyTree, opt_state_template: PyTree) -> tuple[int, PyTree, PyTree]:
-    """(step, params, opt_state) from `path`; the templates fix structure, shapes and dtypes (checked)."""
-    with safe_open(path, framework="numpy") as f:
-        step = int(f.metadata()["step"])
-        arrays = {name: f.get_tensor(name) for name in f.keys()}
+    """(step, params, opt_state) from `path`; the templates fix structure, shapes and dtypes (checked,
+    ValueError). `artifacts.CorruptArtifactError` naming the file when it is empty, unreadable or its
+    tensors' sha256 differs from the one recorded at save time."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            step = int(metadata["step"])
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for damaged headers / data
+        raise artifacts.CorruptArtifactError(path, f"checkpoint {path} is unreadable or corrupt "
+                                                   f"({type(error).__name__}: {error})") from None
+    recorded = metadata.get("data_sha256")
+    if recorded is not None and _tensors_digest(arrays) != recorded:
+        raise artifacts.CorruptArtifactError(path, f"checkpoint {path} is corrupt: the sha256 of its tensors "
+                                                   "differs from the one recorded when it was written")
 
     def rebuild(prefix: str, template: PyTree) -> PyTree:
         paths, treedef = jax.tree_util.tree_flatten_with_path(template)
@@ -157,6 +201,30 @@ def restore_checkpoint(path: str, params_template: PyTree, opt_state_template: P
     if extra:
         raise ValueError(f"checkpoint {path} has entries the model/optimizer lacks, e.g. {extra[:3]}")
     return step, rebuild("params", params_template), rebuild("opt_state", opt_state_template)
+
+
+def _check_finite_params(params: PyTree, step: int, when: str) -> None:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in leaves:
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(leaf))):
+            raise TrainingDivergedError(step, f"training diverged: parameter {jax.tree_util.keystr(path)} is "
+                                              f"non-finite {when}; no summary is written")
+
+
+def _restore_newest_good(folder: str, params: PyTree, opt_state: PyTree) -> tuple[int, PyTree, PyTree]:
+    """The newest checkpoint in `folder` that reads back intact (step 0 and the given state when there
+    is none). A corrupt one is named in a warning and renamed to `<file>.corrupt`; the next older one is
+    tried. A checkpoint of another model/optimizer is an error, not a fallback."""
+    for step, path in reversed(list_checkpoints(folder)):
+        try:
+            return restore_checkpoint(path, params, opt_state)
+        except artifacts.CorruptArtifactError as error:
+            older = [p for s, p in list_checkpoints(folder) if s < step]
+            fallback = f"falling back to {older[-1]}" if older else "no older checkpoint: training from step 0"
+            warnings.warn(f"{error}; renamed it to {os.path.basename(path)}.corrupt, {fallback}", RuntimeWarning,
+                          stacklevel=3)
+            os.replace(path, path + ".corrupt")
+    return 0, params, opt_state
 
 
 def list_checkpoints(folder: str) -> list[tuple[int, str]]:
@@ -211,11 +279,10 @@ def train(
     start = 0
     ckpt_dir = workdir.file("checkpoints") if workdir is not None else None
     if ckpt_dir is not None:
-        existing = list_checkpoints(ckpt_dir)
-        if existing:
-            start, params, opt_state = restore_checkpoint(existing[-1][1], params, opt_state)
-            if start > num_steps:
-                raise ValueError(f"workdir has a checkpoint at step {start} > num_steps={num_steps}; use a fresh workdir")
+        start, params, opt_state = _restore_newest_good(ckpt_dir, params, opt_state)
+        if start > num_steps:
+            raise ValueError(f"workdir has a checkpoint at step {start} > num_steps={num_steps}; use a fresh workdir")
+    _check_finite_params(params, start, "at the start" if start == 0 else f"restored at step {start}")
 
     @jax.jit
     def update(params, opt_state, batch):
@@ -224,6 +291,7 @@ def train(
         return optax.apply_updates(params, updates), opt_state, loss
 
     def checkpoint(step: int) -> None:
+        _check_finite_params(params, step, f"at step {step}")
         save_checkpoint(os.path.join(ckpt_dir, f"ckpt_{step:08d}.safetensors"), step, params, opt_state)
         for _, old in list_checkpoints(ckpt_dir)[:-keep_checkpoints or None]:
             os.remove(old)
@@ -245,7 +313,14 @@ def train(
         window.append(loss)
         done = step + 1
         if log_every and (done % log_every == 0 or done == num_steps):
-            final_loss = float(jnp.mean(jnp.stack(window)))
+            losses = np.asarray(jnp.stack(window))
+            if not np.all(np.isfinite(losses)):
+                first = done - len(losses) + int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
+                raise TrainingDivergedError(first, f"training diverged: the train loss is {losses[first - done + len(losses) - 1]} "
+                                                   f"at step {first} (of {num_steps}); lower the learning rate or check "
+                                                   "the data. No summary is written")
+            _check_finite_params(params, done, f"after step {done}")
+            final_loss = float(np.mean(losses))
             window = []
             bar.set_postfix(loss=f"{final_loss:.4f}")
             if workdir is not None:
@@ -255,6 +330,13 @@ def train(
         if ckpt_dir is not None and checkpoint_every and done % checkpoint_every == 0 and done != num_steps:
             checkpoint(done)
     bar.close()
+    if window:  # steps after the last logging step (log_every = 0): still check them
+        losses = np.asarray(jnp.stack(window))
+        if not np.all(np.isfinite(losses)):
+            first = num_steps - len(losses) + int(np.flatnonzero(~np.isfinite(losses))[0]) + 1
+            raise TrainingDivergedError(first, f"training diverged: the train loss is non-finite at step {first} "
+                                               f"(of {num_steps}). No summary is written")
+    _check_finite_params(params, num_steps, f"after step {num_steps}")
     if eval_fn is not None:
         evaluate(num_steps)
     if ckpt_dir is not None and (start < num_steps or not list_checkpoints(ckpt_dir)):

@@ -1,64 +1,44 @@
 """The on-disk contract of every experiment: `config.json`, `metrics.jsonl`, `summary.json`.
 
-Files are written atomically (temporary file, then `os.replace`), so a crashed run never leaves a
-half-written file behind, and `summary.json` only appears once a run has finished.
+Files are written atomically (the `artifacts` package: temporary file, fsync, `os.replace`), so a
+crashed run never leaves a half-written file behind, and `summary.json` only appears once a run has
+finished. JSON is strict: a NaN or infinite number is written as `null` and listed under the
+top-level `"nonfinite_fields"` flag (never as a bare `NaN` / `Infinity` token).
+
+`metrics.jsonl` holds one JSON object per line, `{"step": s, "<name>": value, ...}`; a (step, name)
+pair appears at most once: a resumed run that logs a step again does not duplicate it (an equal value
+is skipped, a different one replaces the old one), and a line torn by a kill is dropped.
 """
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
-import tempfile
 from typing import Any, Mapping
 
-import numpy as np
+import artifacts
+from artifacts import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported for experiments)
+
+__all__ = ["to_jsonable", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_npz",
+           "Workdir", "METRICS", "NONFINITE_KEY"]
+
+METRICS = "metrics.jsonl"
+NONFINITE_KEY = artifacts.NONFINITE_KEY
 
 
 def to_jsonable(value: Any) -> Any:
-    """Converts numpy / jax scalars and arrays (and nested containers) into plain JSON types."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, (np.ndarray,)) or hasattr(value, "__array__") and not isinstance(value, (str, bytes)):
-        array = np.asarray(value)
-        return array.item() if array.ndim == 0 else array.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Converts numpy / jax scalars and arrays (and nested containers) into plain JSON types; NaN and
+    ±inf become None (`artifacts.to_jsonable`)."""
+    return artifacts.to_jsonable(value)
 
 
 def atomic_write_npz(path: str, arrays: Mapping[str, Any]) -> None:
-    """np.savez of `arrays` (name -> array), written atomically (never a half-written store)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """np.savez of `arrays` (name -> array), written atomically (never a half-written store; no pickle)."""
+    artifacts.atomic_write_npz(path, arrays)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    """Strict JSON, atomically: non-finite numbers become null, flagged under "nonfinite_fields"."""
+    artifacts.atomic_write_json(path, obj, nonfinite="flag")
 
 
 class Workdir:
@@ -67,18 +47,73 @@ class Workdir:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         os.makedirs(self.path, exist_ok=True)
+        self._logged: dict[tuple[int, str], Any] | None = None  # (step, name) -> value, loaded lazily
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def _read_lines(self) -> tuple[list[dict], bool]:
+        """(records, whether the file needs rewriting: a torn or unparseable line was found)."""
+        file = self.file(METRICS)
+        if not os.path.exists(file):
+            return [], False
+        records, damaged = [], False
+        with open(file, "rb") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    record = artifacts.loads(line, what=file)
+                except ValueError:
+                    damaged = True  # e.g. the last line of a run killed while appending
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("step"), int):
+                    records.append(record)
+                else:
+                    damaged = True
+        return records, damaged
+
+    def _rewrite(self, records: list[dict]) -> None:
+        text = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records)
+        atomic_write_text(self.file(METRICS), text)
+
+    def _load(self) -> None:
+        records, damaged = self._read_lines()
+        if damaged:
+            self._rewrite(records)
+        self._logged = {(r["step"], k): v for r in records for k, v in r.items() if k != "step"}
+
     def log(self, step: int, **metrics: Any) -> None:
-        record = {"step": int(step), **to_jsonable(metrics)}
-        with open(self.file("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        """Appends {"step": step, **metrics}; names already logged at this step with the same value
+        are left out, with another value they replace the old entry (rewrite), so a resumed run never
+        duplicates a (step, name) pair."""
+        if self._logged is None:
+            self._load()
+        found: dict[str, str] = {}
+        values = artifacts.to_jsonable(metrics, found)
+        if found:
+            values[NONFINITE_KEY] = found
+        step = int(step)
+        new = {k: v for k, v in values.items() if self._logged.get((step, k), ()) != v}
+        if not new:
+            return
+        replaced = [k for k in new if (step, k) in self._logged]
+        if replaced:
+            records, _ = self._read_lines()
+            kept = []
+            for record in records:
+                if record["step"] == step:
+                    record = {k: v for k, v in record.items() if k not in replaced}
+                    if len(record) == 1:
+                        continue
+                kept.append(record)
+            self._rewrite(kept)
+        record = {"step": step, **new}
+        with open(self.file(METRICS), "a") as f:
+            f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
             f.flush()
+        self._logged.update({(step, k): v for k, v in new.items()})
 
     def read_metrics(self) -> list[dict]:
-        if not os.path.exists(self.file("metrics.jsonl")):
-            return []
-        with open(self.file("metrics.jsonl")) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        """Every record of metrics.jsonl (a torn line is skipped)."""
+        return self._read_lines()[0]

@@ -37,12 +37,25 @@ def test_helpers_are_not_experiments():
     assert not set(names) & {"run", "workdir", "timing", "plots", "models", "data", "train"}
 
 
-def test_failed_run_removes_stale_summary(tmp_path):
-    (tmp_path / "summary.json").write_text('{"stale": 1}')
-    config = tiny_bench_config()
-    config.sketches = ("afjl", "not_a_sketch")
+def test_failed_run_removes_stale_summary(tmp_path, monkeypatch):
+    """A run that fails after it started leaves no summary.json (not even the previous one); a config
+    rejected before any work leaves the folder as it was (its summary still matches its config)."""
+    module = runner.load_experiment("bench_sketch")
+    monkeypatch.setattr(module, "run", lambda config, workdir: {"ratio": 2.0})
+    runner.run_experiment(tiny_bench_config(), str(tmp_path))
+    assert (tmp_path / "summary.json").exists()
+    bad = tiny_bench_config()
+    bad.sketches = ("afjl", "not_a_sketch")
     with pytest.raises(ValueError, match="not_a_sketch"):
-        runner.run_experiment(config, str(tmp_path))
+        runner.run_experiment(bad, str(tmp_path))
+    assert (tmp_path / "summary.json").exists()
+
+    def crash(config, workdir):
+        raise RuntimeError("crashed mid-run")
+
+    monkeypatch.setattr(module, "run", crash)
+    with pytest.raises(RuntimeError, match="crashed mid-run"):
+        runner.run_experiment(tiny_bench_config(), str(tmp_path))
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -55,6 +68,7 @@ def test_cli_overrides_and_output_files(tmp_path):
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=os.getcwd(), env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "Unable to initialize backend" not in out.stderr  # JAX probing absent backends is not the user's concern
     assert f"Results written to {workdir}" in out.stdout
     config = json.loads((workdir / "config.json").read_text())
     assert config["sketches"] == ["afjl", "dense"] and config["log2_D"] == [10] and config["quiet"] is True
