@@ -11,9 +11,9 @@ same facts written answer-first, Grosse et al. 2023 ("G23") §5.3.3):
      (`sketch_dim`; LoGra = sketching/logra.py, per-layer Kronecker projections);
    - `trak/dense`: single-checkpoint TRAK, φ = Φ∇L (dense Gaussian, `trak_dim`), score
      φ_qᵀ (ΦᵀΦ + λI)⁻¹ φ_i with λ = trak_ridge · tr(ΦᵀΦ)/m (Park et al. 2023 eq. 13 without the
-     ensemble and the 1−p reweighting; this is a local implementation, see the report).
+     ensemble and the 1−p reweighting; `attribution.scorers.trak_scores`).
 3. Metrics per scorer against the planted truth (the documents stating the queried fact):
-   recall@k (a planting document in the top k) and MRR (ATTRIBUTION.md §4.4), `planted_ratio` =
+   recall@k (a planting document in the top k) and MRR, `planted_ratio` =
    mean over queries of (mean score of planting documents) / (mean |score| of all documents), and
    the LDS (`lds_subsets` retrainings on random `lds_fraction` halves from the same initialisation:
    mean over queries of Spearman(Σ_{i∈S} score_qi, −f_q(θ_S))).
@@ -46,7 +46,7 @@ from attribution import ekfac  # noqa: E402
 from attribution import query_batching as qb  # noqa: E402
 from attribution import retrain  # noqa: E402
 from attribution import tfidf  # noqa: E402
-from attribution.scorers import cosine_scores  # noqa: E402
+from attribution.scorers import cosine_scores, trak_scores  # noqa: E402
 from attribution.evaluate import lds  # noqa: E402
 from attribution.index import params_hash  # noqa: E402
 from configs.influence_llm import TASKS  # noqa: E402
@@ -167,10 +167,9 @@ def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
     dense = sketching.get("dense", config.trak_dim)
     st = dense.init(jax.random.fold_in(jax.random.key(config.seed), 99), params)
     proj = jax.jit(jax.vmap(dense.apply, in_axes=(None, 0)))
-    phi_q, phi_t = np.asarray(proj(st, gq), np.float64), np.asarray(proj(st, gt), np.float64)
-    kernel = phi_t.T @ phi_t
-    kernel += config.trak_ridge * np.trace(kernel) / kernel.shape[0] * np.eye(kernel.shape[0])
-    scores[("trak", "dense")] = phi_q @ np.linalg.solve(kernel, phi_t.T)
+    phi_q, phi_t = proj(st, gq), proj(st, gt)
+    ridge = config.trak_ridge * float(jnp.sum(phi_t * phi_t)) / phi_t.shape[1]  # trak_ridge · tr(ΦᵀΦ)/m
+    scores[("trak", "dense")] = np.asarray(trak_scores([phi_q], [phi_t], damping=ridge), np.float64)
 
     # Evaluation.
     lds_masks, lds_losses = _lds_losses(config, wd, s) if config.lds_subsets else (None, None)
@@ -241,9 +240,9 @@ def _report(summary: dict, extras: dict, config) -> str:
     lines = ["# Influence on planted facts: EK-FAC vs TRAK vs gradient similarity", "",
              f"Tiny LM ({config.model.num_layers} layers, d={config.model.d_model}), {config.train.num_steps} steps. "
              f"EK-FAC on layers {list(config.ekfac.layers)}, labels={config.ekfac.labels}, damping "
-             f"{config.ekfac.damping_factor}×mean(Λ). Sketched cosines at m={config.sketch_dim}; TRAK: local "
-             f"single-checkpoint implementation, dense projection m={config.trak_dim}, ridge {config.trak_ridge}·tr/m "
-             "(attribution/scorers.py was not available when this experiment was written). LDS: "
+             f"{config.ekfac.damping_factor}×mean(Λ). Sketched cosines at m={config.sketch_dim}; TRAK: "
+             f"single-checkpoint `attribution.scorers.trak_scores`, dense projection m={config.trak_dim}, ridge "
+             f"{config.trak_ridge}·tr(ΦᵀΦ)/m. LDS: "
              f"{config.lds_subsets} retrainings on {config.lds_fraction:.0%} subsets.", ""]
     for task in extras:
         lines += [f"## {task}", "",

@@ -37,3 +37,10 @@ def test_readme_block_runs_as_written(tmp_path, line, code):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, f"README.md block at line {line} failed:\n{out.stderr[-3000:]}"
+
+
+def test_readme_preset_table_is_generated_from_the_configs():
+    from tools import readme_presets
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert readme_presets.render(text) == text, "README's preset table is stale: run python -m tools.readme_presets"
