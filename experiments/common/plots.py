@@ -134,6 +134,8 @@ def save_panel_grid(
     styles = {label: LINESTYLES[i % len(LINESTYLES)] for i, label in enumerate(labels)}
 
     fig, axes = figure(num_rows, num_cols, size=(panel_size[0] * num_cols, panel_size[1] * num_rows + 0.6))
+    if num_rows == num_cols == 1:  # figure() returns a bare Axes for a 1×1 grid
+        axes = [[axes]]
     fig.set_dpi(dpi)
     handles = {}
     for i, row in enumerate(rows):
