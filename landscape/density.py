@@ -152,7 +152,7 @@ def slq(matvec: Callable[[PyTree], PyTree], template: PyTree, num_iters: int, nu
     if num_iters > layout.size:
         raise ValueError(f"num_iters={num_iters} exceeds the number of parameters D = {layout.size}")
     probes = probe_vectors(key, num_probes, layout.size)
-    rows = basis_rows(int(num_iters))
+    rows = basis_rows(int(num_iters), layout.size, probes.dtype.itemsize)
     if probe_batch is None:
         probe_batch = probe_batch_size(num_probes, rows, layout.size, probes.dtype.itemsize)
     if isinstance(probe_batch, bool) or not isinstance(probe_batch, (int, np.integer)) or probe_batch < 1:

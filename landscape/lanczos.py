@@ -192,15 +192,22 @@ ROW_BUCKET = 16        # below it: rows rounded up to a multiple of 16, so a new
 STATUS_RUNNING, STATUS_BREAKDOWN, STATUS_NONFINITE = 0, 1, 2
 
 
-def basis_rows(num_iters: int) -> int:
-    """Rows allocated for the Krylov basis of a `num_iters`-step run (the compiled program's static shape).
+EXACT_ROWS_BYTES = 64 * 2 ** 20  # a basis this large is allocated exactly: the final trim would copy it
 
-    Short runs share a program per 16-row bucket (`num_iters` itself is a traced loop bound, so 50, 55
-    and 60 steps compile once; the padding costs at most 15 extra rows in each re-orthogonalisation); long runs (≥ 256 steps) allocate exactly num_iters + 1 rows so the
-    k·n basis is never padded or copied."""
-    if num_iters + 1 >= EXACT_ROWS_FROM:
-        return int(num_iters) + 1
-    return int(-(-(num_iters + 1) // ROW_BUCKET) * ROW_BUCKET)
+
+def basis_rows(num_iters: int, size: int = 0, itemsize: int = 8) -> int:
+    """Rows allocated for the Krylov basis of a `num_iters`-step run on vectors of length `size` (the
+    compiled program's static shape).
+
+    Short runs on small vectors share a program per 16-row bucket (`num_iters` itself is a traced loop
+    bound, so 50, 55 and 60 steps compile once; the padding costs at most 15 extra rows in each
+    re-orthogonalisation, and the returned basis is trimmed to num_iters + 1 rows by a copy). Long runs
+    (≥ 256 steps) and bases of ≥ 64 MiB allocate exactly num_iters + 1 rows, so the k·n basis is never
+    padded or copied and the peak stays k·n + O(D)."""
+    exact = int(num_iters) + 1
+    if exact >= EXACT_ROWS_FROM or exact * int(size) * int(itemsize) >= EXACT_ROWS_BYTES:
+        return exact
+    return int(-(-exact // ROW_BUCKET) * ROW_BUCKET)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,6 +328,22 @@ def _krylov_batch(problem: FlatProblem, dynamic, starts: jax.Array, rows: int, n
     return hess, steps, status
 
 
+STATUS_BAD_START = 3
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _krylov_from_start(problem: FlatProblem, dynamic, start: jax.Array, rows: int, num_iters):
+    """A whole run in one program (normalise the start, allocate, loop): one dispatch and one host read
+    per call. A zero or non-finite start vector skips the loop with status STATUS_BAD_START."""
+    norm = jnp.sqrt(_dot(start, start))
+    good = jnp.isfinite(norm) & (norm > 0)
+    basis, hess, scale, status, j = _initial_state(jnp.where(good, start, jnp.zeros_like(start)).at[0].add(
+        jnp.where(good, 0.0, 1.0).astype(start.dtype)), rows)
+    status = jnp.where(good, status, STATUS_BAD_START).astype(jnp.int32)
+    j, basis, hess, _, status = _krylov_loop(problem, dynamic, basis, hess, scale, status, j, num_iters, num_iters)
+    return j, basis, hess, status, norm
+
+
 def _initial_state(start: jax.Array, rows: int):
     norm = jnp.sqrt(_dot(start, start))
     basis = jnp.zeros((rows, start.shape[0]), start.dtype).at[0].set(start / norm)
@@ -351,26 +374,35 @@ def _krylov(problem: FlatProblem, dynamic, start: jax.Array, num_iters: int, *, 
             description: str, stop_after: int | None = None) -> tuple[np.ndarray, jax.Array, int, bool]:
     """Runs up to `num_iters` Arnoldi steps; returns (H (k+1, k) float64, basis (num_iters+1, n), k, breakdown).
 
-    One compiled call per chunk (the whole run when progress is off); the only host round trips are
-    one per chunk, to read the step count and status."""
-    _check_start(start)
-    rows = basis_rows(num_iters)
-    basis, hess, scale, status, j = _initial_state_jit(start, rows)
-    chunk = num_iters if not progress else max(1, -(-num_iters // 20))
-    if stop_after is not None:  # warm_up: compile the program of this configuration, run `stop_after` steps
-        chunk = stop_after
+    One compiled call for the whole run when progress is off (one host read at the end); with
+    progress, one call per chunk of ≈ num_iters/20 steps on donated (in-place) buffers."""
+    rows = basis_rows(num_iters, start.shape[0], start.dtype.itemsize)
     bound = jnp.asarray(num_iters, jnp.int32)
-    with tqdm(total=num_iters, desc=description, disable=not progress, leave=False) as bar:
-        done = 0
-        while True:
-            stop = jnp.asarray(min(done + chunk, num_iters), jnp.int32)
-            j, basis, hess, scale, status = _krylov_steps(problem, dynamic, basis, hess, scale, status, j, stop,
-                                                          bound)
-            steps, code = int(j), int(status)
-            bar.update(steps - done)
-            done = steps
-            if code != STATUS_RUNNING or done >= num_iters or stop_after is not None:
-                break
+    if not progress and stop_after is None:
+        j, basis, hess, status, norm = _krylov_from_start(problem, dynamic, start, rows, bound)
+        steps, code, hess, norm = jax.device_get((j, status, hess, norm))
+        steps, code = int(steps), int(code)
+        if code == STATUS_BAD_START:
+            raise ValueError(f"start vector has norm {float(norm)}; it must be finite and non-zero")
+    else:
+        _check_start(start)
+        basis, hess, scale, status, j = _initial_state_jit(start, rows)
+        chunk = num_iters if not progress else max(1, -(-num_iters // 20))
+        if stop_after is not None:  # warm_up: compile the program of this configuration, run `stop_after` steps
+            chunk = stop_after
+        with tqdm(total=num_iters, desc=description, disable=not progress, leave=False) as bar:
+            done = 0
+            while True:
+                stop = jnp.asarray(min(done + chunk, num_iters), jnp.int32)
+                j, basis, hess, scale, status = _krylov_steps(problem, dynamic, basis, hess, scale, status, j, stop,
+                                                              bound)
+                steps, code = (int(x) for x in jax.device_get((j, status)))
+                bar.update(steps - done)
+                done = steps
+                if code != STATUS_RUNNING or done >= num_iters or stop_after is not None:
+                    break
+        if stop_after is not None:  # warm_up also compiles the single-call program
+            _krylov_from_start(problem, dynamic, start, rows, jnp.asarray(1, jnp.int32))[0].block_until_ready()
     if code == STATUS_NONFINITE:
         _raise_nonfinite(steps - 1)
     hessenberg = np.asarray(hess, np.float64)[: steps + 1, :steps]
@@ -523,6 +555,28 @@ def lanczos(
     values, vectors, residuals = ritz_decomposition(t, hessenberg[k, k - 1])
     return KrylovResult(values, vectors, residuals, hessenberg, basis, k, breakdown, None if sketch_obj else layout,
                         sketch_obj, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply_problem(problem: FlatProblem, dynamic, u: jax.Array) -> jax.Array:
+    return problem.apply(dynamic, u).astype(u.dtype)
+
+
+def direct_residuals(result: KrylovResult, matvec: Matvec, indices) -> np.ndarray:
+    """‖A y_i − θ_i y_i‖ computed with one operator application per Ritz pair (A = Φ H Φᵀ for a sketched
+    basis): the check of the certificate β_k|s_k| (`result.residual_norms`) that includes rounding, so
+    it bottoms out near eps·‖A‖ where the certificate may read exactly 0 (a converged pair's last
+    eigenvector component can be below LAPACK's support threshold)."""
+    indices = np.atleast_1d(np.asarray(indices))
+    vectors = result.ritz_vectors(indices)
+    layout = result.layout if result.layout is not None else result.sketch_state.layout
+    problem, dynamic = make_problem(matvec, layout, result.sketch, result.sketch_state)
+    out = []
+    with basis_precision(vectors):
+        for row, index in zip(vectors, indices):
+            residual = _apply_problem(problem, dynamic, row) - result.eigenvalues[int(index)] * row
+            out.append(float(jnp.sqrt(jnp.dot(residual, residual, precision=_HIGHEST))))
+    return np.asarray(out)
 
 
 def _asymmetry(hessenberg: np.ndarray, k: int) -> float:

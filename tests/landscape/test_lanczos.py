@@ -343,11 +343,11 @@ def test_no_recompile_for_new_num_iters_or_new_parameters(x64):
     lanczos_module = importlib.import_module("landscape.lanczos")
     loss_fn, params, batch = tiny_problem()
     landscape.lanczos(landscape.hvp_fn(loss_fn, params, [batch]), params, 50, jax.random.key(0))
-    before = lanczos_module._krylov_steps._cache_size()
+    before = lanczos_module._krylov_from_start._cache_size()
     other = jax.tree_util.tree_map(lambda x: x * 0.9, params)
     result = landscape.lanczos(landscape.hvp_fn(loss_fn, other, [batch]), other, 55, jax.random.key(1))
     landscape.lanczos(landscape.hvp_fn(loss_fn, params, [batch]), params, 60, jax.random.key(2))
-    assert lanczos_module._krylov_steps._cache_size() == before  # 51..64 rows: one bucket, params are arguments
+    assert lanczos_module._krylov_from_start._cache_size() == before  # 51..64 rows: one bucket, params are arguments
     exact = np.sort(np.linalg.eigvalsh(np.asarray(dense_hessian(loss_fn, other, batch))))[::-1]
     np.testing.assert_allclose(result.top(3), exact[:3], rtol=1e-6)
 
