@@ -13,7 +13,7 @@ def _tiny():
     config = config_lib.get_config("quick")
     config.num_queries = 3
     config.digits.update(num_train=60, hidden=(8,), num_steps=50, tracin_checkpoints=2)
-    config.pbrf.digits_mlp.update(num_candidates=6, num_steps=60, chunk_size=3)
+    config.pbrf.digits_mlp.update(num_candidates=6, num_steps=150, chunk_size=3)
     config.pbrf.facts_lm.update(num_candidates=4, num_steps=20, batch_size=4, chunk_size=2)
     config.facts.data.update(num_facts=3, num_distractors=3, num_heldout=1)
     config.facts.train.update(num_steps=10, batch_size=4, checkpoint_every=5, eval_every=10, warmup_steps=2)
@@ -23,21 +23,37 @@ def _tiny():
     return config
 
 
-def test_pbrf_benchmark_smoke(tmp_path):
+def test_pbrf_benchmark_smoke_digits(tmp_path):
     config = _tiny()
+    config.tasks = ("digits_mlp",)
     summary = run_experiment(config, str(tmp_path), quiet=True)
-    for task in ("digits_mlp", "facts_lm"):
-        for method in ("gnh_if", "ekfac", "kfac", "trak", "tracin", "grad_cosine", "sketched_cosine", "repr_cosine"):
-            assert -1.0 <= summary[f"{task}/{method}/pearson"] <= 1.0, (task, method)
-            assert summary[f"{task}/{method}/seconds"] >= 0.0
-        assert summary[f"{task}/pbrf/residual_max"] < 1.0
-    assert "facts_lm/ngram_cosine/pearson" in summary and "digits_mlp/ngram_cosine/pearson" not in summary
+    for method in config.methods:
+        if method == "ngram_cosine":  # text only
+            assert "digits_mlp/ngram_cosine/pearson" not in summary
+            continue
+        assert -1.0 <= summary[f"digits_mlp/{method}/pearson"] <= 1.0, method
+        assert summary[f"digits_mlp/{method}/seconds"] >= 0.0
+    # the PBRF's first-order value: the solves converged
+    assert summary["digits_mlp/pbrf/residual_max"] < 1e-2 and summary["digits_mlp/gnh_if/pearson"] > 0.99
     for name in ("report.md", "pbrf_benchmark.png", "summary.json", "digits_mlp/pbrf/fingerprint.json"):
         assert os.path.exists(tmp_path / name), name
     stored = sorted(os.listdir(tmp_path / "digits_mlp" / "pbrf"))
     assert len([f for f in stored if f.startswith("example_")]) == 6
     with open(tmp_path / "summary.json") as f:
         assert "digits_mlp/gnh_if/spearman" in json.load(f)
+
+
+def test_pbrf_benchmark_smoke_lm(tmp_path):
+    """The LM path (MLP layers only, mini-batch PBRF, hidden states of ln_final, text n-grams); the other
+    methods share the digits code path and are skipped here to keep the test short."""
+    config = _tiny()
+    config.tasks = ("facts_lm",)
+    config.methods = ("gnh_if", "ekfac", "repr_cosine", "ngram_cosine")
+    summary = run_experiment(config, str(tmp_path), quiet=True)
+    for method in config.methods:
+        assert -1.0 <= summary[f"facts_lm/{method}/pearson"] <= 1.0, method
+    assert summary["facts_lm/pbrf/residual_max"] < 1.0
+    assert os.path.exists(tmp_path / "facts_lm" / "pbrf" / "fingerprint.json")
 
 
 def test_pbrf_benchmark_config_validation():
