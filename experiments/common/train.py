@@ -22,7 +22,8 @@
   written.
 * Every `log_every` steps `train/loss` (mean of the steps since the last log) and the learning rate
   are appended to `metrics.jsonl`; every `eval_every` steps and at the end `eval_fn(params)`'s
-  numbers are logged with the prefix `eval/`.
+  numbers are logged with the prefix `eval/`. A resumed call first drops the `train/` and `eval/`
+  records after the step it resumes from, so no step is logged twice.
 """
 from __future__ import annotations
 
@@ -283,6 +284,8 @@ def train(
         if start > num_steps:
             raise ValueError(f"workdir has a checkpoint at step {start} > num_steps={num_steps}; use a fresh workdir")
     _check_finite_params(params, start, "at the start" if start == 0 else f"restored at step {start}")
+    if workdir is not None:  # records a killed run wrote after its last checkpoint are logged again below
+        workdir.drop_records_after(start, ("train/", "eval/"))
 
     @jax.jit
     def update(params, opt_state, batch):

@@ -5,9 +5,10 @@ crashed run never leaves a half-written file behind, and `summary.json` only app
 finished. JSON is strict: a NaN or infinite number is written as `null` and listed under the
 top-level `"nonfinite_fields"` flag (never as a bare `NaN` / `Infinity` token).
 
-`metrics.jsonl` holds one JSON object per line, `{"step": s, "<name>": value, ...}`; a (step, name)
-pair appears at most once: a resumed run that logs a step again does not duplicate it (an equal value
-is skipped, a different one replaces the old one), and a line torn by a kill is dropped.
+`metrics.jsonl` holds one JSON object per line, `{"step": s, "<name>": value, ...}`. A resumed run
+never duplicates a record: the training loop drops its own records logged after the checkpoint it
+resumes from (`drop_records_after`), an identical record is never written twice, and a line torn by
+a kill is dropped.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class Workdir:
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         os.makedirs(self.path, exist_ok=True)
-        self._logged: dict[tuple[int, str], Any] | None = None  # (step, name) -> value, loaded lazily
+        self._logged: set[str] | None = None  # canonical JSON of every record in the file, loaded lazily
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -81,38 +82,42 @@ class Workdir:
         records, damaged = self._read_lines()
         if damaged:
             self._rewrite(records)
-        self._logged = {(r["step"], k): v for r in records for k, v in r.items() if k != "step"}
+        self._logged = {json.dumps(r, sort_keys=True) for r in records}
 
     def log(self, step: int, **metrics: Any) -> None:
-        """Appends {"step": step, **metrics}; names already logged at this step with the same value
-        are left out, with another value they replace the old entry (rewrite), so a resumed run never
-        duplicates a (step, name) pair."""
+        """Appends {"step": step, **metrics} (strict JSON: NaN/inf as null, flagged), unless an
+        identical record is already in the file: a resumed deterministic run that logs a step again
+        does not duplicate it."""
         if self._logged is None:
             self._load()
         found: dict[str, str] = {}
         values = artifacts.to_jsonable(metrics, found)
         if found:
             values[NONFINITE_KEY] = found
-        step = int(step)
-        new = {k: v for k, v in values.items() if self._logged.get((step, k), ()) != v}
-        if not new:
+        record = {"step": int(step), **values}
+        text = json.dumps(record, sort_keys=True, allow_nan=False)
+        if text in self._logged:
             return
-        replaced = [k for k in new if (step, k) in self._logged]
-        if replaced:
-            records, _ = self._read_lines()
-            kept = []
-            for record in records:
-                if record["step"] == step:
-                    record = {k: v for k, v in record.items() if k not in replaced}
-                    if len(record) == 1:
-                        continue
-                kept.append(record)
-            self._rewrite(kept)
-        record = {"step": step, **new}
         with open(self.file(METRICS), "a") as f:
-            f.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+            f.write(text + "\n")
             f.flush()
-        self._logged.update({(step, k): v for k, v in new.items()})
+        self._logged.add(text)
+
+    def drop_records_after(self, step: int, prefixes: tuple[str, ...]) -> int:
+        """Removes the records logged after `step` whose every metric name starts with one of
+        `prefixes` (e.g. a training loop's "train/" and "eval/" records that a run killed after its
+        checkpoint at `step` wrote, and that the resumed run logs again). Returns how many."""
+        records, damaged = self._read_lines()
+
+        def owned(r: dict) -> bool:
+            names = [k for k in r if k not in ("step", NONFINITE_KEY)]
+            return r["step"] > step and bool(names) and all(k.startswith(prefixes) for k in names)
+
+        kept = [r for r in records if not owned(r)]
+        if len(kept) != len(records) or damaged:
+            self._rewrite(kept)
+        self._logged = {json.dumps(r, sort_keys=True) for r in kept}
+        return len(records) - len(kept)
 
     def read_metrics(self) -> list[dict]:
         """Every record of metrics.jsonl (a torn line is skipped)."""

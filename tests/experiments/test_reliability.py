@@ -170,19 +170,21 @@ def test_summary_json_is_strict_with_a_nonfinite_flag(tmp_path, monkeypatch):
     assert summary[NONFINITE_KEY] == {"train_loss": "nan", "ratio": "inf"}
 
 
-def test_metrics_log_never_duplicates_a_step_and_drops_a_torn_line(tmp_path):
+def test_metrics_log_never_duplicates_a_record_and_drops_a_torn_line(tmp_path):
     workdir = Workdir(str(tmp_path))
-    workdir.log(1, loss=0.5)
-    workdir.log(2, loss=0.4)
+    workdir.log(0, task="a", d90=5)
+    workdir.log(0, task="b", d90=7)  # same step and names, another record: both kept
+    workdir.log(2, **{"train/loss": 0.4})
+    workdir.log(4, **{"train/loss": 0.3})
     with open(workdir.file("metrics.jsonl"), "a") as f:
-        f.write('{"step": 3, "loss": 0.')  # a line torn by a kill
-    again = Workdir(str(tmp_path))  # a resumed run
-    again.log(2, loss=0.4)  # the same value: not written twice
-    again.log(2, acc=0.9)  # another name at the same step: kept
-    again.log(1, loss=0.55)  # a different value replaces the old one
-    again.log(3, loss=float("nan"))
+        f.write('{"step": 6, "train/loss": 0.')  # a line torn by a kill
+    again = Workdir(str(tmp_path))  # a resumed run, from a checkpoint at step 2
+    assert again.drop_records_after(2, ("train/", "eval/")) == 1  # the step-4 loss
+    again.log(2, **{"train/loss": 0.4})  # identical: not written twice
+    again.log(4, **{"train/loss": 0.3})
+    again.log(6, **{"train/loss": float("nan")})
     records = again.read_metrics()
-    pairs = [(r["step"], k) for r in records for k in r if k not in ("step", NONFINITE_KEY)]
-    assert sorted(pairs) == [(1, "loss"), (2, "acc"), (2, "loss"), (3, "loss")]
-    assert {(r["step"], r.get("loss")) for r in records if "loss" in r} == {(1, 0.55), (2, 0.4), (3, None)}
+    assert [(r["step"], r.get("task"), r.get("train/loss")) for r in records] == [
+        (0, "a", None), (0, "b", None), (2, None, 0.4), (4, None, 0.3), (6, None, None)]
+    assert records[-1][NONFINITE_KEY] == {"train/loss": "nan"}
     assert "NaN" not in open(workdir.file("metrics.jsonl")).read()
