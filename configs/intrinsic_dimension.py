@@ -1,24 +1,30 @@
 """Intrinsic dimension (d90) by subspace training through each sketch (experiments/intrinsic_dimension.py).
 
     python -m experiments.run --config configs/intrinsic_dimension.py:planted --workdir runs/id_planted
-Presets:
-  planted  the planted-dimension regression (D = 4096, k = 64) with the doubling and the binary
-           search for dense, ffd, affd, afjl, qk                                (≤ 3 min on 2 CPU cores)
-  quick    planted with k = 16 and fewer sketches (a smoke run, ≤ 1 min)
-  digits   MLP and CNN on scikit-learn's digits (compare with Li et al.'s MNIST FC ≈ 750, LeNet ≈ 290)
-  minilm   all-MiniLM-L6-v2 subspace fine-tuning on the generated 4-class text set (slow on CPU)
-  default  planted + digits_mlp + digits_cnn
+    python -m experiments.run --config configs/intrinsic_dimension.py:quick --workdir runs/id_quick
+Three searches side by side (config.searches): "doubling" and "binary" train a fresh subspace per
+candidate d; "single_run" is the paper's search inside one training run (config.single_run: d_min,
+d_max = D_max, interval = c steps, delta = δ, max_steps, verify = the D*/2 run).
+Presets: see PRESETS (times measured on 2 loaded CPU cores).
 """
 import ml_collections
 
 from configs import finetune_classifier
 
-PRESETS = ("planted", "quick", "digits", "minilm")
+# One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
+PRESETS = {
+    "": "planted + digits MLP + CNN, doubling search for all five sketches (≈ 6 min)",
+    "quick": "planted k = 16, dense/affd/qk, doubling + binary + single-run searches (≈ 2 min)",
+    "planted": "planted k = 64, five sketches, doubling + single-run searches (≈ 5 min)",
+    "digits": "digits MLP and CNN, affd and qk, doubling + single-run searches (≈ 6 min)",
+    "minilm": "all-MiniLM-L6-v2 on the generated 4-class text set, qk, single-run search + verification (≈ 9 min)",
+    "minilm_doubling": "MiniLM, qk, the multi-run doubling search beside the single run (≈ 20 min)",
+}
 
 
 def get_config(arg=None):
-    if arg not in (None, "") + PRESETS:
-        raise ValueError(f"preset={arg!r}; allowed values: {list(PRESETS)} or none")
+    if (arg or "") not in PRESETS:
+        raise ValueError(f"preset={arg!r}; allowed values: {[p for p in PRESETS if p]} or none")
     config = ml_collections.ConfigDict()
     config.experiment = "intrinsic_dimension"
     config.seed = 0
@@ -36,6 +42,15 @@ def get_config(arg=None):
         timing_d=256,            # wall time per step measured for every sketch at this d
         timing_steps=20,
     ))
+    config.single_run = ml_collections.ConfigDict(dict(
+        d_min=16,                # the paper's D_min: the first trained d
+        d_max=4096,              # D_max: the fixed sketch dimension (capped at D, moved to an accepted m)
+        interval=100,            # c: optimiser steps between evaluations / doubling decisions
+        delta=0.01,              # δ: d doubles when the metric improved by less than this over c steps
+        learning_rate=3e-2,      # Adam on z
+        max_steps=5000,          # budget of the whole search (status "budget" when D* is not reached)
+        verify=True,             # train D*/2 alone for as many steps: should stay below τ90
+    ))
     config.planted = ml_collections.ConfigDict(dict(
         num_params=4096, planted_dim=64, num_train=512, num_test=512, noise=0.01,
     ))
@@ -49,18 +64,27 @@ def get_config(arg=None):
 
     if arg in ("planted", "quick"):
         config.tasks = ("planted",)
-        config.searches = ("doubling", "binary")
+        config.searches = ("doubling", "single_run")
         config.search.update(d0=16, d_max=1024, full_learning_rate=3e-2, learning_rate=1e-1, num_steps=200)
+        config.single_run.update(d_min=4, d_max=1024, interval=50, delta=0.01, learning_rate=1e-1, max_steps=4000)
     if arg == "quick":
         config.sketches = ("dense", "affd", "qk")
+        config.searches = ("doubling", "binary", "single_run")
         config.planted.update(num_params=1024, planted_dim=16)
         config.search.update(d0=4, num_steps=150, timing_d=64, timing_steps=5)
+        config.single_run.update(d_min=2, d_max=256)
     if arg == "digits":
         config.tasks = ("digits_mlp", "digits_cnn")
-    if arg == "minilm":
+        config.sketches = ("affd", "qk")
+        config.searches = ("doubling", "single_run")
+    if arg in ("minilm", "minilm_doubling"):
         config.tasks = ("text_minilm",)
-        config.sketches = ("affd", "afjl", "qk")
-        config.search.update(d0=64, d_max=1 << 16, num_steps=100, learning_rate=1e-2, full_learning_rate=5e-5)
+        config.sketches = ("qk",)
+        config.searches = ("single_run",) if arg == "minilm" else ("doubling", "single_run")
+        config.search.update(d0=4, d_max=1 << 14, num_steps=60, learning_rate=3e-1, full_learning_rate=1e-4,
+                             timing_d=1 << 14, timing_steps=3)
+        config.single_run.update(d_min=4, d_max=1 << 14, interval=20, delta=0.02, learning_rate=3e-1,
+                                 max_steps=400)
         config.text_minilm.update(max_len=20)
         config.text_minilm.data.update(num_train=256, num_test=128)
         config.text_minilm.train.update(batch_size=16)

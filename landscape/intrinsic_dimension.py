@@ -147,8 +147,8 @@ def train_subspace(
 # ----------------------------------------------------------------------------------------------
 
 class DimensionSearchLog:
-    """A JSON file {"points": {"<d>/<seed>": metric}, "fingerprint": {...}} written atomically after every
-    trained point, so an interrupted search resumes without retraining anything it has recorded.
+    """A JSON file {"points": {"<d>/<seed>": metric}, "seconds": {"<d>/<seed>": training wall time},
+    "fingerprint": {...}} written atomically after every trained point, so an interrupted search resumes without retraining anything it has recorded.
 
     `fingerprint` (a JSON-able mapping of everything that determines train_at's metric: task, sketch,
     steps per d, learning rate, …) is stored in the log and compared on every reopening: a log made
@@ -160,20 +160,28 @@ class DimensionSearchLog:
         self.path = path
         self.fingerprint = None if fingerprint is None else artifacts.normalise(fingerprint)
         self.points: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
         if path is not None and os.path.exists(path):
             stored = artifacts.read_json(path)
             if self.fingerprint is not None:
                 artifacts.check_fields(path, stored.get("fingerprint"), self.fingerprint, what="d90 search log")
             self.points = {k: float(v) for k, v in stored["points"].items()}
+            self.seconds = {k: float(v) for k, v in stored.get("seconds", {}).items() if v is not None}
 
     def get(self, d: int, seed: int) -> float | None:
         return self.points.get(f"{d}/{seed}")
 
-    def record(self, d: int, seed: int, metric: float) -> None:
+    def seconds_of(self, d: int, seed: int) -> float:
+        """The recorded training wall time of (d, seed), NaN if the log has none."""
+        return self.seconds.get(f"{d}/{seed}", float("nan"))
+
+    def record(self, d: int, seed: int, metric: float, seconds: float | None = None) -> None:
         self.points[f"{d}/{seed}"] = float(metric)
+        if seconds is not None:
+            self.seconds[f"{d}/{seed}"] = float(seconds)
         if self.path is None:
             return
-        record = {"points": self.points}
+        record = {"points": self.points, "seconds": self.seconds}
         if self.fingerprint is not None:
             record["fingerprint"] = self.fingerprint
         artifacts.atomic_write_json(self.path, record, nonfinite="flag")
@@ -186,6 +194,8 @@ class SearchResult:
     target: float
     points: dict[int, float]     # d → median metric over seeds
     num_trained: int             # points trained in this call (not read from the log)
+    num_runs: int = 0            # (d, seed) trainings the search used, trained now or read from the log
+    seconds: float = float("nan")  # their total training wall time (NaN if a log entry has none)
 
 
 def _validate_search(target_metric, seeds) -> None:
@@ -202,6 +212,11 @@ class _Evaluator:
         self.train_at, self.seeds, self.log, self.adjust = train_at, tuple(seeds), log, adjust
         self.points: dict[int, float] = {}
         self.trained = 0
+        self.used: set[tuple[int, int]] = set()
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.log.seconds_of(d, seed) for d, seed in self.used))
 
     def __call__(self, d: int) -> tuple[int, float]:
         d = self.adjust(int(d))
@@ -209,9 +224,11 @@ class _Evaluator:
         for seed in self.seeds:
             value = self.log.get(d, seed)
             if value is None:
+                start = time.perf_counter()
                 value = float(self.train_at(d, seed))
                 self.trained += 1
-                self.log.record(d, seed, value)
+                self.log.record(d, seed, value, seconds=time.perf_counter() - start)
+            self.used.add((d, seed))
             values.append(value)
         self.points[d] = float(np.median(values))
         return d, self.points[d]
@@ -245,7 +262,8 @@ def doubling_search(
             break
         low, d = d, 2 * d
     if high is None:
-        return SearchResult(None, (low, d_max), target_metric, evaluate.points, evaluate.trained)
+        return SearchResult(None, (low, d_max), target_metric, evaluate.points, evaluate.trained,
+                        len(evaluate.used), evaluate.seconds)
     while low > 0 and high / low > ratio:
         middle = int(round(math.sqrt(low * high)))
         if middle <= low or middle >= high:
@@ -257,7 +275,8 @@ def doubling_search(
             high = middle
         else:
             low = middle
-    return SearchResult(high, (low, high), target_metric, evaluate.points, evaluate.trained)
+    return SearchResult(high, (low, high), target_metric, evaluate.points, evaluate.trained,
+                        len(evaluate.used), evaluate.seconds)
 
 
 def binary_search(
@@ -279,7 +298,8 @@ def binary_search(
     evaluate = _Evaluator(train_at, seeds, DimensionSearchLog(log_path, fingerprint), adjust)
     hi, metric = evaluate(hi)
     if metric < target_metric:
-        return SearchResult(None, (lo, hi), target_metric, evaluate.points, evaluate.trained)
+        return SearchResult(None, (lo, hi), target_metric, evaluate.points, evaluate.trained,
+                        len(evaluate.used), evaluate.seconds)
     while hi - lo > 1:
         middle, metric = evaluate((lo + hi) // 2)
         if middle >= hi:
@@ -288,7 +308,8 @@ def binary_search(
             hi = middle
         else:
             lo = middle
-    return SearchResult(hi, (lo, hi), target_metric, evaluate.points, evaluate.trained)
+    return SearchResult(hi, (lo, hi), target_metric, evaluate.points, evaluate.trained,
+                        len(evaluate.used), evaluate.seconds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,6 +396,7 @@ class SingleRunResult:
     z             the final D_max-vector (coordinates ≥ the final d are exactly 0)
     resumed_from  the step the run resumed from (0: it started fresh)
     seconds       wall time of this call (not of earlier, interrupted calls)
+    seconds_total wall time of the whole search, interrupted calls included (up to their last checkpoint)
     seconds_per_step  median wall time per optimiser step in this call (first step, with compilation, excluded)
     """
 
@@ -388,6 +410,7 @@ class SingleRunResult:
     resumed_from: int
     seconds: float
     seconds_per_step: float
+    seconds_total: float
 
 
 class _Checkpoint:
@@ -506,19 +529,22 @@ def single_run_search(
         previous = float(metric_fn(params_fn(z)))
         history = [{"step": 0, "d": d, "metric": previous, "loss": None}]
         schedule = [(0, d)]
+        seconds_before = 0.0
     else:
         z, opt_state, header = restored
         d, step, previous, status = header["d"], header["step"], header["previous"], header["status"]
         if status == "budget":
             status = None  # re-checked against this call's max_steps
         history, schedule = header["history"], [tuple(s) for s in header["schedule"]]
+        seconds_before = float(header["seconds_total"])
     resumed_from = step
+
+    start, times, losses = time.perf_counter(), [], []
 
     def header():
         return {"d": d, "step": step, "previous": previous, "status": status, "history": history,
-                "schedule": [list(s) for s in schedule]}
+                "schedule": [list(s) for s in schedule], "seconds_total": seconds_before + time.perf_counter() - start}
 
-    start, times, losses = time.perf_counter(), [], []
     bar = None
     if not quiet:
         from tqdm.auto import tqdm
@@ -559,7 +585,8 @@ def single_run_search(
     return SingleRunResult(
         d_star=d if status == "found" else None, status=status, target=float(target_metric), num_steps=step,
         history=history, schedule=schedule, z=z, resumed_from=resumed_from, seconds=time.perf_counter() - start,
-        seconds_per_step=float(np.median(steady)) if steady else float("nan"))
+        seconds_per_step=float(np.median(steady)) if steady else float("nan"),
+        seconds_total=seconds_before + time.perf_counter() - start)
 
 
 def verification_run(

@@ -111,6 +111,7 @@ def test_search_resumes_without_retraining(tmp_path):
     calls.clear()
     again = idim.doubling_search(train_at, 0.9, d0=16, d_max=4096, seeds=(0, 1), log_path=log)
     assert calls == [] and again.num_trained == 0 and again.d90 == first.d90
+    assert again.num_runs == first.num_runs == first.num_trained and again.seconds == pytest.approx(first.seconds)
     with open(log) as f:
         assert len(json.load(f)["points"]) == first.num_trained
     # A search interrupted after 3 points resumes from them.
@@ -314,6 +315,7 @@ def test_single_run_resumes_after_sigkill(tmp_path):
     np.testing.assert_allclose([h["metric"] for h in resumed.history], [h["metric"] for h in reference.history],
                                rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(np.asarray(resumed.z), np.asarray(reference.z), rtol=1e-5, atol=1e-6)
+    assert resumed.seconds_total > resumed.seconds  # the killed call's time is counted
     # Rerunning a finished search trains nothing.
     again = _search("affd", checkpoint_path=path, checkpoint_every=10, fingerprint={"run": "kill"})
     assert again.resumed_from == again.num_steps == reference.num_steps and again.d_star == reference.d_star
