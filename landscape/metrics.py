@@ -132,3 +132,24 @@ def relative_errors(estimate, reference, k: int) -> np.ndarray:
     if est.size < k or ref.size < k:
         raise ValueError(f"need at least k={k} eigenvalues in both lists, got {est.size} and {ref.size}")
     return np.abs(est - ref) / np.abs(ref)
+
+
+def affine_relative_error(estimate, reference, k: int) -> float:
+    """Mean relative error of the top-k eigenvalues after the best orientation-preserving affine map.
+
+    The paper's Tables 1, 5 and 7 (Sec. 5.2–5.3) compare top-10 eigenvalues "after an
+    orientation-preserving linear map R → R": λ̂ ↦ aλ̂ + b with a > 0, fitted here by weighted least
+    squares on the relative residuals (aλ̂_i + b − λ_i)/λ_i (if the unconstrained fit has a ≤ 0, the
+    best a > 0 tends to 0 and only the shift b is fitted). Returns mean_i |aλ̂_i + b − λ_i| / |λ_i|.
+    (The paper does not say whether a shift is allowed or how the map is fitted; this is our choice.)
+    """
+    est, ref = _descending(estimate)[:k], _descending(reference)[:k]
+    if est.size < k or ref.size < k:
+        raise ValueError(f"need at least k={k} eigenvalues in both lists, got {est.size} and {ref.size}")
+    weights = 1.0 / np.abs(ref)
+    design = np.stack([est * weights, weights], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, ref * weights, rcond=None)
+    if not a > 0:
+        a = 0.0
+        b = float(np.sum(ref * weights**2) / np.sum(weights**2))
+    return float(np.mean(np.abs(a * est + b - ref) / np.abs(ref)))

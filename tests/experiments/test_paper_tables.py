@@ -1,0 +1,65 @@
+"""paper_tables on a shrunk config: every section but the MiniLM ones runs, report.md has the three
+columns (≈ 1 min on an idle 2-core CPU; MiniLM is exercised by the quick preset)."""
+import json
+import os
+
+import pytest
+
+from configs import paper_tables as config_module
+from experiments import paper_tables
+from experiments.common.config_checks import ConfigError
+from experiments.common.workdir import Workdir
+
+
+def shrunk():
+    c = config_module.get_config("quick")
+    c.quiet = True
+    c.sections = ("table6", "table7", "cost", "table11", "layers")
+    c.maps = ("afjl",)
+    c.tiny_lm.update(train_steps=0, num_queries=8, num_train=8, hessian_examples=8)
+    c.table6.update(log2_ms=(6,), seeds=1, models=("tiny_lm",))
+    c.table7.update(log2_ms=(6,), num_iters=10, maps=("afjl",))
+    c.cost.update(log2_m=8, repeats=1, hvp=False, algos=("afjl",))
+    c.cost.model.update(num_layers=1, d_model=32, num_heads=2, vocab_size=256, max_len=16)
+    c.table11.update(log2_d=12, log2_ms=(8,), repeats=1)
+    c.layers.update(models=("tiny_lm",), num_iters=10, whole_model_log2_m=8)
+    return c
+
+
+def test_shrunk_run_writes_the_side_by_side_report(tmp_path):
+    summary = paper_tables.run(shrunk(), Workdir(str(tmp_path)))
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("Table 6", "Table 7", "Tables 3, 8, 9", "Table 4", "Table 11", "Tables 1 / 5"):
+        assert heading in report
+    assert "| algo | paper | ours, paper's map | ours, our variant |" in report
+    assert "| afjl | 12 / 13 / 15 |" in report  # the paper's Table 6 row next to ours
+    results = json.loads((tmp_path / "results.json").read_text())
+    r = results["table6"]["tiny LM"]["r"]
+    assert set(r) == {"afjl/paper", "afjl/ours"}
+    assert all(-1 <= v <= 1 for rs in r.values() for v in rs.values())
+    assert {row["I"] for row in results["cost"]["gradient"]} == {0, 1}
+    assert "table4/implicit→explicit/afjl" in summary
+    for name in ("table6.png", "table7.png", "table11.png"):
+        assert os.path.getsize(tmp_path / name) > 1000
+
+
+def test_quick_preset_validates_and_bad_fields_are_named():
+    paper_tables.validate_config(config_module.get_config("quick"))
+    paper_tables.validate_config(config_module.get_config())
+    bad = config_module.get_config("quick")
+    bad.maps = ("afjl", "fastfood")
+    with pytest.raises(ConfigError, match="config.maps"):
+        paper_tables.validate_config(bad)
+    bad = config_module.get_config("quick")
+    bad.minilm.enabled = False
+    with pytest.raises(ConfigError, match="minilm.enabled"):
+        paper_tables.validate_config(bad)
+
+
+def test_affine_error_and_layer_groups():
+    import landscape
+    assert landscape.affine_relative_error([2.0, 4.0, 6.0], [1.0, 2.0, 3.0], 3) == pytest.approx(0.0, abs=1e-12)
+    assert landscape.affine_relative_error([3.0, 2.0, 1.0], [3.0, 2.0, 1.0], 3) == pytest.approx(0.0, abs=1e-12)
+    assert paper_tables.layer_of("['encoder']['layer']['3']['attention']['kernel']") == "encoder/layer/3"
+    assert paper_tables.layer_of("['Block_1']['mlp']['kernel']") == "Block_1"
+    assert paper_tables.layer_of("['embed']['embedding']") == "embed"
