@@ -38,7 +38,7 @@ def sketch_options() -> ml_collections.ConfigDict:
         "dense": {"distribution": "gaussian", "block_elements": 1 << 20},
         "ffd": {"tables": "regenerate"},
         "fjl": {"tables": "regenerate"},
-        "qk": {"tables": "regenerate", "factor_size": 256, "num_factors": 2},
+        "qk": {"tables": "regenerate", "construction": "paper"},
         "sjlt": {"tables": "regenerate", "nnz": 1},
     })
 
