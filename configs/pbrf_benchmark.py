@@ -1,7 +1,10 @@
 """Attribution methods vs the PBRF ground truth on the digits MLP and the tiny LM (experiments/pbrf_benchmark.py).
 
-    python -m experiments.run --config configs/pbrf_benchmark.py:quick --workdir runs/pbrf_quick
-    python -m experiments.run --config configs/pbrf_benchmark.py --workdir runs/pbrf_benchmark
+    python -m experiments.run --config configs/pbrf_benchmark.py:quick --workdir runs/pbrf_quick   (≈ 20 min, loaded 2 cores)
+    python -m experiments.run --config configs/pbrf_benchmark.py --workdir runs/pbrf_benchmark    (not timed; far longer)
+
+Most of the quick preset's time is the LM: its PBRF solves (≈ 4.5 min), the Hessian / Gauss–Newton CG solves and
+LiSSA through the transformer in float64.
 
 summary.json maps "<task>/<method>/{pearson,spearman,pearson_sem,seconds}" to numbers, plus
 "<task>/pbrf/{seconds,residual_median,residual_max}", "<task>/damping", "<task>/lambda_max_gnh".
