@@ -59,14 +59,15 @@ def finished(tmp_path_factory):
     return workdir
 
 
-def test_rerun_with_changed_settings_is_refused_naming_the_fields(finished, tmp_path):
+def test_rerun_with_changed_settings_is_refused_naming_the_fields(finished, tmp_path, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
     before = (workdir / "summary.json").read_text()
-    out = run_cli(workdir, "--config.train.num_steps=20", "--config.train.learning_rate=0.5", check=2)
-    assert "train.learning_rate: 0.003 (on disk) vs 0.5 (requested)" in out.stderr
-    out = run_cli(workdir, "--config.train.num_steps=30", check=2)
-    assert "train.num_steps: 20 (on disk) vs 30 (requested)" in out.stderr
+    args = [*DIGITS, "--workdir", str(workdir)]
+    assert runner.main([*args, "--config.train.num_steps=20", "--config.train.learning_rate=0.5"]) == 2
+    assert "train.learning_rate: 0.003 (on disk) vs 0.5 (requested)" in capsys.readouterr().err
+    assert runner.main([*args, "--config.train.num_steps=30"]) == 2
+    assert "train.num_steps: 20 (on disk) vs 30 (requested)" in capsys.readouterr().err
     assert (workdir / "summary.json").read_text() == before  # the finished run is untouched
     # The config field workdir_on_change=subfolder runs the new settings in a fresh subfolder instead.
     out = run_cli(workdir, "--config.train.num_steps=30", "--config.workdir_on_change=subfolder", check=0)
@@ -106,7 +107,8 @@ def test_second_runner_is_refused_and_sigkill_resume_never_duplicates_a_step(tmp
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = workdir / "checkpoints"
     try:
-        while child.poll() is None and not (ckpts.is_dir() and any(p.endswith("100.safetensors") for p in os.listdir(ckpts))):
+        while child.poll() is None and not (ckpts.is_dir() and train_lib.list_checkpoints(str(ckpts))
+                                            and train_lib.list_checkpoints(str(ckpts))[-1][0] >= 100):
             time.sleep(0.05)
         assert child.poll() is None, child.communicate()[1].decode()[-3000:]
         child.send_signal(signal.SIGSTOP)  # frozen mid-run, still holding the lock
