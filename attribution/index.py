@@ -315,9 +315,9 @@ class GradientIndex:
 
     Checksums: with `verify_checksums=True` (the default) every shard's sha256 is compared with the
     manifest the first time this object reads it (`iter_blocks`, `load`, `top_k`), and
-    `example_ids.npy` on first access; a mismatch raises `CorruptArtifactError` naming the file. A shard
-    read once is trusted for the rest of this object's life (memory-mapped afterwards). `verify()`
-    rechecks everything.
+    `example_ids.npy` on first access; a mismatch raises `CorruptArtifactError` naming the file. The
+    file is streamed through sha256 (4 MiB at a time) and then memory-mapped; a shard verified once is
+    trusted for the rest of this object's life. `verify()` rechecks everything.
     """
 
     def __init__(self, path: str, manifest: dict, *, verify_checksums: bool = True, _verified: Sequence[int] = ()):
@@ -397,19 +397,16 @@ class GradientIndex:
         return sum(os.path.getsize(f) for f in self._files)
 
     def _load_shard(self, i: int) -> np.ndarray:
-        """Shard i, read-only: on its first read (with checksums on) the file is read once, its sha256
-        compared with the manifest and the array parsed from those bytes; afterwards memory-mapped."""
+        """Shard i memory-mapped read-only; on its first read (with checksums on) the file's sha256 is
+        first streamed (4 MiB at a time, so memory stays O(block)) and compared with the manifest."""
         self.shards_loaded += 1
         shard, file = self.shards[i], self._files[i]
         if self.verify_checksums and i not in self._verified:
-            data = _read_bytes(file)
-            actual = hashlib.sha256(data).hexdigest()
+            actual = file_sha256(file)
             if actual != shard["sha256"]:
                 raise self._corrupt(file, actual, shard["sha256"])
-            array = _npy_from_bytes(data)
             self._verified.add(i)
-        else:
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
         shape, dtype = _shard_layout(self.dtype, shard["stop"] - shard["start"], self.dim)
         if array.shape != shape or array.dtype != dtype:
             raise CorruptArtifactError(file, f"shard {shard['file']} of {self.path} has shape {array.shape} dtype "

@@ -56,14 +56,14 @@ def test_a_shard_swapped_for_another_valid_shard_is_caught(built):
 def test_checksums_are_verified_once_per_open(built, monkeypatch):
     index = GradientIndex.open(str(built))
     reads = []
-    original = index_module._read_bytes
-    monkeypatch.setattr(index_module, "_read_bytes", lambda f: reads.append(f) or original(f))
+    original = index_module.file_sha256
+    monkeypatch.setattr(index_module, "file_sha256", lambda f: reads.append(f) or original(f))
     queries = features(np.array([1, 2]))
     first = top_k(index, queries, 4)
     assert len(reads) == index.num_shards
     second = top_k(index, queries, 4, block_size=3)
     index.load()
-    assert len(reads) == index.num_shards  # later reads are memory-mapped, not re-hashed
+    assert len(reads) == index.num_shards  # later reads are not re-hashed
     assert first[0].tobytes() == second[0].tobytes()
 
 
