@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import artifacts
-from artifacts import CorruptArtifactError, atomic_write_bytes, atomic_write_npy, confined_path, file_sha256
+from artifacts import CorruptArtifactError, atomic_write_bytes, atomic_write_npy, confined_path, file_sha256  # noqa: F401
 from artifacts.atomic import npy_bytes as _npy_bytes
 from sketching.base import Sketch, SketchState
 from sketching.gradients import MODES, sketch_per_example_gradients
