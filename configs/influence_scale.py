@@ -8,6 +8,12 @@ summary.json maps "L<layers>_d<d_model>/<metric>" to numbers (metrics in the exp
 """
 import ml_collections
 
+# One line per preset for `python -m experiments.run --list` (times: the shared 2-core CPU machine, loaded).
+PRESETS = {
+    "": "4 model sizes (8.6k-0.4M parameters), larger corpus, 800 steps (not timed; ≈ 20 min expected)",
+    "quick": "3 model sizes (8.6k-121k parameters), 24 facts, 500 steps (≈ 7 min)",
+}
+
 
 def get_config(arg=None):
     if arg not in (None, "", "quick"):

@@ -18,6 +18,12 @@ TASKS = ("digits_mlp", "facts_lm")
 METHODS = ("gnh_if", "exact_if", "lissa", "ekfac", "kfac", "ekfac_heuristic", "trak", "tracin", "grad_dot",
            "grad_cosine", "sketched_cosine", "repr_dot", "repr_cosine", "ngram_cosine")
 
+# One line per preset for `python -m experiments.run --list` (times: the shared 2-core CPU machine, loaded).
+PRESETS = {
+    "": "every method vs the PBRF on the digits MLP and the tiny LM, with costs (not timed; expected > 60 min)",
+    "quick": "smaller digits set, 40 / 24 PBRF candidates, shorter solves (≈ 20 min)",
+}
+
 
 def get_config(arg=None):
     if arg not in (None, "", "quick"):
