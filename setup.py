@@ -26,5 +26,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "scipy>=1.11"],
+        "bench": ["matfree>=0.6"],  # only for experiments/bench_lanczos.py (skipped without it)
     },
 )

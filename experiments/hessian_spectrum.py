@@ -20,6 +20,7 @@ density_<study>.png, and summary.json with flat keys `<study>/step<s>/<metric>` 
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -28,6 +29,7 @@ import numpy as np
 
 import landscape
 import sketching
+from landscape.lanczos import direct_residuals, warm_up
 from experiments.common import data as data_lib
 from experiments.tasks import classifier
 from experiments.common import models as models_lib
@@ -76,6 +78,10 @@ def validate_config(config) -> None:
         m = config.memory
         _positive_int("config.memory.num_iters", m.num_iters)
         _positive_int("config.memory.sketch_m", m.sketch_m)
+        if isinstance(m.full_num_iters, bool) or not isinstance(m.full_num_iters, int) or m.full_num_iters < 0:
+            raise ValueError(f"config.memory.full_num_iters must be an int >= 0 (0: no full-basis run), got {m.full_num_iters!r}")
+        if m.num_iters > m.sketch_m:
+            raise ValueError(f"config.memory.num_iters={m.num_iters} exceeds config.memory.sketch_m={m.sketch_m}")
         if m.sketch not in sketching.NAMES:
             raise ValueError(f"config.memory.sketch={m.sketch!r}; allowed values: {list(sketching.NAMES)}")
         models_lib.validate_model_config("transformer", m.model.to_dict())
@@ -113,21 +119,52 @@ def _subset_batches(arrays: dict, num_examples: int, batch_size: int) -> list[di
             for start in range(0, count, batch_size)]
 
 
-def _spectrum_metrics(result: landscape.KrylovResult, gradient, k: int, num_ratios: int) -> dict:
+GHOST_RTOL = 1e-8  # two Ritz values closer than this (relative to λ_max) count as a ghost pair
+
+
+def ghost_pairs(values: np.ndarray, scale: float, rtol: float = GHOST_RTOL) -> int:
+    """Adjacent pairs among `values` (descending Ritz values) equal to rtol · scale: the duplicated
+    converged eigenvalues ("ghosts") that Lanczos without re-orthogonalisation produces."""
+    return int(np.sum(np.abs(np.diff(np.asarray(values))) <= rtol * abs(scale)))
+
+
+def _spectrum_metrics(result: landscape.KrylovResult, gradient, k: int, num_ratios: int, matvec) -> dict:
+    """RNEG, R(n), outliers (R > 20%, gap detector), gradient alignment with the top-k (k = C) and with
+    the outlier subspace (its dimension = the outlier count, the paper's gradient–outlier alignment),
+    and the convergence certificates of the top-10 Ritz pairs: residual ‖A y − θ y‖ = β_k|s_k| relative
+    to |λ_max|, how many are below 1e-6 relative, ghost pairs among them, and the same residuals computed
+    directly with one operator application each (the check that includes rounding)."""
     values = result.eigenvalues
+    scale = abs(float(values[0]))
+    top = min(10, values.size)
+    outliers = landscape.outlier_count(values)
+    relative = result.residual_norms[:top] / max(scale, np.finfo(np.float64).tiny)
     metrics = {
         "lambda_max": float(values[0]),
         "lambda_min": float(values[-1]),
         "rneg": landscape.rneg(values),
-        "outliers": landscape.outlier_count(values),
+        "outliers": outliers,
         "gap_outliers": landscape.gap_outlier_count(values),
         f"alignment_top{k}": landscape.gradient_alignment(result, gradient, k),
+        "alignment_outliers": landscape.gradient_alignment(result, gradient, max(1, min(outliers, result.num_iters))),
         "max_residual_top5": float(np.max(result.residual_norms[:5])),
+        f"max_rel_residual_top{top}": float(np.max(relative)),
+        f"converged_top{top}": int(np.sum(relative <= 1e-6)),
+        f"ghost_pairs_top{top}": ghost_pairs(values[:top], scale),
+        f"max_rel_direct_residual_top{top}": float(np.max(direct_residuals(result, matvec, np.arange(top))) / scale),
+        "krylov_steps": int(result.num_iters),
     }
     for n, ratio in enumerate(landscape.r_ratios(values, num_ratios), start=1):
         if n > 1:
             metrics[f"R{n}"] = float(ratio)
     return metrics
+
+
+@functools.lru_cache(maxsize=None)
+def cached_sketch(name: str, m: int) -> sketching.Sketch:
+    """One Sketch object per (name, m): the compiled Krylov program is keyed on the sketch's functions,
+    so reusing the object at every checkpoint reuses the program (a new `sketching.get` recompiles)."""
+    return sketching.get(name, m)
 
 
 def _krylov_context(spectrum):
@@ -152,14 +189,17 @@ def spectrum_at(loss_fn, params, batches, spectrum, k: int, key) -> dict:
         start = time.perf_counter()
         full = landscape.lanczos(matvec, params, min(spectrum.num_iters, num_params), key)
         out["seconds_full"] = time.perf_counter() - start
-        out.update(_spectrum_metrics(full, gradient, k, spectrum.num_ratios))
+        out.update(_spectrum_metrics(full, gradient, k, spectrum.num_ratios, matvec))
         if spectrum.sketch != "none":
-            sketch = sketching.get(spectrum.sketch, spectrum.sketch_m)
+            sketch = cached_sketch(spectrum.sketch, spectrum.sketch_m)
             start = time.perf_counter()
-            sketched = landscape.lanczos(matvec, params, min(spectrum.sketched_iters, spectrum.sketch_m), key,
-                                         sketch=sketch)
+            with PeakRSS() as peak:
+                sketched = landscape.lanczos(matvec, params, min(spectrum.sketched_iters, spectrum.sketch_m), key,
+                                             sketch=sketch)
             out["seconds_sketched"] = time.perf_counter() - start
-            for name, value in _spectrum_metrics(sketched, gradient, k, spectrum.num_ratios).items():
+            out["sketched/peak_rss_delta_mb"] = peak.peak_delta_bytes / 2 ** 20
+            out["sketched/basis_mb"] = sketched.basis.size * sketched.basis.dtype.itemsize / 2 ** 20
+            for name, value in _spectrum_metrics(sketched, gradient, k, spectrum.num_ratios, matvec).items():
                 out[f"sketched/{name}"] = value
             top = min(10, full.num_iters, sketched.num_iters)
             errors = landscape.relative_errors(sketched.eigenvalues, full.eigenvalues, top)
@@ -291,27 +331,42 @@ def _run_memory(config) -> dict:
     num_params = models_lib.count_params(params)
     key = jax.random.key(config.seed)
     out = {"memory/num_params": num_params, "memory/num_iters": m.num_iters, "memory/sketch_m": m.sketch_m}
-    runs = (("sketched", sketching.get(m.sketch, m.sketch_m)), ("full", None))
+    runs = [("sketched", sketching.get(m.sketch, m.sketch_m), m.num_iters)]
+    if m.full_num_iters:  # the full basis holds k·D numbers: fewer steps where k·D does not fit
+        runs.append(("full", None, m.full_num_iters))
     with _krylov_context(config.spectrum):
         jax.block_until_ready(matvec(params))  # compile the HVP outside the measured window
-        for label, sketch in runs:  # sketched first: its small peak is not hidden by the full run's pages
-            # A first, unmeasured run compiles every program, so the measured window holds only the
+        for label, sketch, num_iters in runs:  # sketched first: its small peak is not hidden by the full run's pages
+            # Compile every program first (one Krylov step), so the measured window holds only the
             # Krylov state and the HVP's working memory (D·O(1)), not XLA's compiler.
-            jax.block_until_ready(landscape.lanczos(matvec, params, m.num_iters, key, sketch=sketch).basis)
+            progress = not config.get("quiet", False)
+            warm_up(matvec, params, num_iters, key, sketch=sketch, progress=progress)
             with PeakRSS() as peak:
                 start = time.perf_counter()
-                result = landscape.lanczos(matvec, params, m.num_iters, key, sketch=sketch, progress=not config.get("quiet", False))
+                result = landscape.lanczos(matvec, params, num_iters, key, sketch=sketch, progress=progress)
                 jax.block_until_ready(result.basis)
                 seconds = time.perf_counter() - start
+            out[f"memory/{label}/num_iters"] = num_iters
             out[f"memory/{label}/seconds"] = seconds
             out[f"memory/{label}/peak_rss_delta_bytes"] = peak.peak_delta_bytes
             out[f"memory/{label}/basis_bytes"] = int(result.basis.size * result.basis.dtype.itemsize)
             out[f"memory/{label}/lambda_max"] = float(result.eigenvalues[0])
+            scale = abs(float(result.eigenvalues[0]))
+            for top in (10, 100):
+                if top <= result.num_iters:
+                    out[f"memory/{label}/max_rel_residual_top{top}"] = float(np.max(result.residual_norms[:top]) / scale)
+                    out[f"memory/{label}/converged_top{top}"] = int(np.sum(result.residual_norms[:top] <= 1e-6 * scale))
+            out[f"memory/{label}/ghost_pairs_top10"] = ghost_pairs(result.eigenvalues[:10], scale)
+            out[f"memory/{label}/top10"] = [float(v) for v in result.eigenvalues[:10]]
             del result
-    out["memory/basis_ratio_full_over_sketched"] = out["memory/full/basis_bytes"] / out["memory/sketched/basis_bytes"]
-    out["memory/peak_ratio_full_over_sketched"] = (out["memory/full/peak_rss_delta_bytes"]
-                                                   / max(out["memory/sketched/peak_rss_delta_bytes"], 1))
-    out["memory/time_ratio_full_over_sketched"] = out["memory/full/seconds"] / out["memory/sketched/seconds"]
+    if m.full_num_iters:
+        per_step = {label: out[f"memory/{label}/basis_bytes"] / (out[f"memory/{label}/num_iters"] + 1)
+                    for label, _, _ in runs}
+        out["memory/basis_ratio_full_over_sketched_per_step"] = per_step["full"] / per_step["sketched"]
+        out["memory/peak_ratio_full_over_sketched"] = (out["memory/full/peak_rss_delta_bytes"]
+                                                       / max(out["memory/sketched/peak_rss_delta_bytes"], 1))
+        out["memory/time_per_step_ratio_full_over_sketched"] = (
+            (out["memory/full/seconds"] / m.full_num_iters) / (out["memory/sketched/seconds"] / m.num_iters))
     out["memory/D_over_m"] = num_params / m.sketch_m
     return out
 
@@ -349,10 +404,11 @@ def _plot_study(name: str, records: list[dict], densities: dict, spectrum, workd
     for step, density in densities.items():
         grid, phi = density.density(sigma_squared=spectrum.slq_sigma_squared, num_points=2000)
         keep = np.arange(0, grid.size, 10)
-        density_series[f"step {step}"] = (grid[keep], phi[keep] + 1e-7)
+        shown = np.where(phi[keep] >= 1e-6 * phi.max(), phi[keep], np.nan)  # below: not drawn (no floor)
+        density_series[f"step {step}"] = (grid[keep], shown)
     save_panel_grid(workdir.file(f"density_{name}.png"),
                     [[Panel(f"SLQ spectral density ({spectrum.slq_probes} probes, {spectrum.slq_iters} steps)",
-                            "eigenvalue", "density + 1e-7", density_series, logx=False)]],
+                            "eigenvalue", "density (≥ 1e-6 of its peak)", density_series, logx=False)]],
                     suptitle=f"{name}", panel_size=(7.0, 4.5))
 
 

@@ -378,7 +378,9 @@ def _krylov(problem: FlatProblem, dynamic, start: jax.Array, num_iters: int, *, 
     progress, one call per chunk of ≈ num_iters/20 steps on donated (in-place) buffers."""
     rows = basis_rows(num_iters, start.shape[0], start.dtype.itemsize)
     bound = jnp.asarray(num_iters, jnp.int32)
-    if not progress and stop_after is None:
+    if not progress:
+        if stop_after is not None:  # warm_up: compile the single-call program by running `stop_after` steps
+            bound = jnp.asarray(stop_after, jnp.int32)
         j, basis, hess, status, norm = _krylov_from_start(problem, dynamic, start, rows, bound)
         steps, code, hess, norm = jax.device_get((j, status, hess, norm))
         steps, code = int(steps), int(code)
@@ -387,9 +389,7 @@ def _krylov(problem: FlatProblem, dynamic, start: jax.Array, num_iters: int, *, 
     else:
         _check_start(start)
         basis, hess, scale, status, j = _initial_state_jit(start, rows)
-        chunk = num_iters if not progress else max(1, -(-num_iters // 20))
-        if stop_after is not None:  # warm_up: compile the program of this configuration, run `stop_after` steps
-            chunk = stop_after
+        chunk = max(1, -(-num_iters // 20)) if stop_after is None else stop_after
         with tqdm(total=num_iters, desc=description, disable=not progress, leave=False) as bar:
             done = 0
             while True:
@@ -401,8 +401,6 @@ def _krylov(problem: FlatProblem, dynamic, start: jax.Array, num_iters: int, *, 
                 done = steps
                 if code != STATUS_RUNNING or done >= num_iters or stop_after is not None:
                     break
-        if stop_after is not None:  # warm_up also compiles the single-call program
-            _krylov_from_start(problem, dynamic, start, rows, jnp.asarray(1, jnp.int32))[0].block_until_ready()
     if code == STATUS_NONFINITE:
         _raise_nonfinite(steps - 1)
     hessenberg = np.asarray(hess, np.float64)[: steps + 1, :steps]
@@ -508,12 +506,13 @@ def _run(matvec, template, num_iters, key, *, sketch, start, start_distribution,
 
 
 def warm_up(matvec: Matvec, template: PyTree, num_iters: int, key: jax.Array, *,
-            sketch: Sketch | tuple | None = None, reorthogonalize: bool = True) -> None:
-    """Compiles the Krylov program that `lanczos` / `arnoldi` with these arguments will use (one
-    program per operator, template, sketch and `basis_rows(num_iters)`) by running a single step, so
-    that a benchmark can time or measure the memory of a run without XLA's compiler in it."""
+            sketch: Sketch | tuple | None = None, reorthogonalize: bool = True, progress: bool = False) -> None:
+    """Compiles the Krylov program that `lanczos` / `arnoldi` with these arguments (and this `progress`
+    setting: one program for a whole run, another for chunked runs with a progress bar) will use, one
+    per operator, template, sketch and `basis_rows(num_iters)`, by running a single step, so that a
+    benchmark can time or measure the memory of a run without XLA's compiler in it."""
     _run(matvec, template, num_iters, key, sketch=sketch, start=None, start_distribution="rademacher",
-         reorthogonalize=reorthogonalize, progress=False, description="warm-up", stop_after=1)
+         reorthogonalize=reorthogonalize, progress=progress, description="warm-up", stop_after=1)
 
 
 def lanczos(

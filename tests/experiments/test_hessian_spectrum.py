@@ -47,8 +47,42 @@ def test_memory_benchmark_small(tmp_path):
     config.memory.update(num_iters=6, sketch_m=512, num_examples=2)
     config.memory.model.update(vocab_size=64, num_layers=1, d_model=32, num_heads=2, max_len=8)
     summary = run_experiment(config, str(tmp_path), quiet=True)
-    assert summary["memory/basis_ratio_full_over_sketched"] == pytest.approx(summary["memory/D_over_m"])
+    assert summary["memory/basis_ratio_full_over_sketched_per_step"] == pytest.approx(summary["memory/D_over_m"])
     assert summary["memory/full/peak_rss_delta_bytes"] >= 0
+
+
+def test_k1000_preset_shrunk(tmp_path):
+    """The k1000 preset's code path (a long sketched run, the full basis at fewer steps), shrunk."""
+    config = hs_config.get_config("k1000")
+    assert config.memory.num_iters == 1000 and config.memory.sketch == "affd"
+    config.memory.update(num_iters=40, full_num_iters=8, sketch_m=64, num_examples=2)
+    config.memory.model.update(vocab_size=64, num_layers=1, d_model=32, num_heads=2, max_len=8)
+    summary = run_experiment(config, str(tmp_path), quiet=True)
+    assert summary["memory/sketched/num_iters"] == 40 and summary["memory/full/num_iters"] == 8
+    assert summary["memory/sketched/basis_bytes"] == 41 * 64 * 8
+    assert summary["memory/sketched/max_rel_residual_top10"] < 1.0
+    assert summary["memory/sketched/ghost_pairs_top10"] == 0
+
+
+def test_paper_schedule_preset_shrunk(tmp_path):
+    config = hs_config.get_config("paper_quick")
+    assert config.digits_mlp.checkpoints == (0, 10, 50, 100, 150, 200, 250, 500)
+    assert config.digits_mlp.train.optimizer == "sgd" and config.digits_mlp.train.batch_size == 32
+    assert hs_config.paper_schedule(3500) == (0, 10, 50, 100, 150, 200, 250, 500, 1000, 2000, 3000)
+    config.digits_mlp.model.hidden = (8,)
+    config.digits_mlp.checkpoints = (0, 10, 50)
+    config.digits_mlp.train.num_steps = 50
+    config.spectrum.update(num_examples=64, num_iters=40, sketch_m=128, sketched_iters=40, slq_probes=2,
+                           slq_iters=10, hutchinson_probes=2)
+    summary = run_experiment(config, str(tmp_path), quiet=True)
+    for step in (0, 10, 50):
+        prefix = f"digits_mlp/step{step}"
+        assert summary[f"{prefix}/krylov_steps"] == 40 and summary[f"{prefix}/sketched/krylov_steps"] == 40
+        assert 0.0 <= summary[f"{prefix}/alignment_outliers"] <= 1.0 + 1e-9
+        assert summary[f"{prefix}/outliers"] >= 1 and summary[f"{prefix}/rneg"] >= 0
+        assert summary[f"{prefix}/ghost_pairs_top10"] == 0
+        assert 0 <= summary[f"{prefix}/converged_top10"] <= 10
+        assert summary[f"{prefix}/sketched/basis_mb"] == pytest.approx(41 * 128 * 8 / 2 ** 20)
 
 
 def test_config_validation():

@@ -9,7 +9,7 @@ import scipy.linalg
 
 import landscape
 import sketching
-from landscape.lanczos import tridiagonal_from_hessenberg
+from landscape.lanczos import direct_residuals, tridiagonal_from_hessenberg
 
 
 def dense_operator(matrix):
@@ -323,6 +323,9 @@ def test_compiled_loop_equals_the_reference_recurrence_and_dense_eigh(x64):
     scale = np.linalg.norm(a, 2)
     np.testing.assert_allclose(result.hessenberg, h_ref, atol=1e-11 * scale)
     np.testing.assert_allclose(np.asarray(result.basis), v_ref, atol=1e-9)
+    chunked = landscape.arnoldi(dense_operator(a), template_of(300), 40, jax.random.key(0),
+                                start={"w": jnp.asarray(start)}, progress=True)  # chunked program, same numbers
+    np.testing.assert_allclose(chunked.hessenberg, result.hessenberg, atol=1e-13 * scale)
     # Full dimension: the compiled Lanczos reproduces dense float64 eigh.
     small = random_symmetric(rng, 40, definite=False)
     full = landscape.lanczos(dense_operator(small), template_of(40), 40, jax.random.key(1))
@@ -421,3 +424,4 @@ def test_top_k_certificates_and_no_ghosts_at_large_k(x64):
     direct = np.linalg.norm(np.stack([np.asarray(apply(jnp.asarray(row))) for row in y]) - top[:, None] * y, axis=1)
     np.testing.assert_allclose(direct, result.residual_norms[:10], atol=1e-8 * top[0])
     assert np.all(result.residual_norms[:10] <= 1e-8 * top[0])
+    np.testing.assert_allclose(direct_residuals(result, matvec, np.arange(10)), direct, rtol=1e-6, atol=1e-12 * top[0])
