@@ -113,7 +113,12 @@ def run_experiment(config, workdir_path: str, quiet: bool = False) -> dict:
         with config.unlocked():
             del config[ON_CHANGE_FIELD]
     module = load_experiment(config.experiment)
-    module.validate_config(config)
+    try:
+        module.validate_config(config)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # every rejection before work is a config error
+        raise ConfigError(str(error).strip("'\"")) from error
     fields = workdir_fingerprint(config)
     os.makedirs(workdir_path, exist_ok=True)
     with artifacts.exclusive_lock(os.path.join(workdir_path, ".lock"),

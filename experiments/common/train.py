@@ -65,7 +65,11 @@ def validate_train_section(config, min_max_len: int) -> None:
     t = config.train
     checks.check_fields("config.train", t, TRAIN_FIELDS)
     checks.integer("config.train.batch_size", t.batch_size)
-    optimizer_from_config(t)
+    try:
+        optimizer_from_config(t)
+    except ValueError as error:
+        message = str(error)
+        raise checks.ConfigError(message if message.startswith("config.") else f"config.train.{message}") from None
 
 
 def optimizer_from_config(train_section) -> optax.GradientTransformation:

@@ -163,3 +163,9 @@ def test_help_lists_the_configs():
     out = subprocess.run([sys.executable, "-m", "experiments.run", "--help"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(runner.__file__)))
     assert out.returncode == 0 and "configs/demo.py:quick" in out.stdout and "--list" in out.stdout
+
+
+def test_a_value_the_experiment_rejects_is_a_config_error(capsys, tmp_path):
+    code, _, err = _cli(capsys, "--config", "configs/train_lm.py:quick", "--workdir", str(tmp_path / "w"),
+                        "--config.train.warmup_steps=100000")
+    assert code == 2 and "config.train.warmup_steps must be in [0, num_steps=" in err and "Traceback" not in err
