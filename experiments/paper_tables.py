@@ -49,7 +49,7 @@ from experiments.common import data as data_lib
 from experiments.common import models as models_lib
 from experiments.common import train as train_lib
 from experiments.common.plots import Panel, save_panel_grid
-from experiments.common.timing import compiled_memory, median_time
+from experiments.common.timing import aot_compile, median_time, memory_of
 from experiments.common.workdir import Workdir, atomic_write_json, atomic_write_text
 from experiments.tasks import classifier, planted_lm
 
@@ -386,9 +386,10 @@ def run_cost(config, quiet: bool) -> dict:
         sketch = sketching.get(name, m, **options)
         state = sketch.init(jax.random.key(0), params)
         mode = "implicit" if implicit else "explicit"
-        fn = jax.jit(lambda s, p, b, _sk=sketch, _mode=mode: sketching.sketch_gradient(_sk, s, loss_fn, p, b, _mode))
+        fn = aot_compile(lambda s, p, b, _sk=sketch, _mode=mode: sketching.sketch_gradient(_sk, s, loss_fn, p, b, _mode),
+                         state, params, batch)
         t = median_time(fn, state, params, batch, repeats=config.cost.repeats)
-        mem = compiled_memory(fn, state, params, batch)
+        mem = memory_of(fn)
         out["gradient"].append({"algo": algo, "I": implicit, "F": fft, "Q": q, "variant": tag[0] if tag else "paper",
                                 "ms": 1e3 * t["median_s"], "temp_MB": mem["temp_bytes"] / 2**20})
     if config.cost.hvp:
@@ -398,12 +399,12 @@ def run_cost(config, quiet: bool) -> dict:
             sketch = sketching.get(name, m, **options)
             state = sketch.init(jax.random.key(0), params)
             if implicit:
-                fn = jax.jit(lambda s, p, b, u, _sk=sketch: sketching.sketched_hessian_operator(_sk, s, loss_fn, p, b)(u))
+                fn = lambda s, p, b, u, _sk=sketch: sketching.sketched_hessian_operator(_sk, s, loss_fn, p, b)(u)  # noqa: E731
             else:
-                fn = jax.jit(lambda s, p, b, u, _sk=sketch: _sk.apply(
-                    s, sketching.hvp(loss_fn, p, b, _sk.transpose(s, u))))
+                fn = lambda s, p, b, u, _sk=sketch: _sk.apply(s, sketching.hvp(loss_fn, p, b, _sk.transpose(s, u)))  # noqa: E731
+            fn = aot_compile(fn, state, params, batch, v)
             t = median_time(fn, state, params, batch, v, repeats=config.cost.repeats)
-            mem = compiled_memory(fn, state, params, batch, v)
+            mem = memory_of(fn)
             out["hvp"].append({"algo": algo, "I": implicit, "F": fft, "Q": q, "variant": "paper",
                                "ms": 1e3 * t["median_s"], "temp_MB": mem["temp_bytes"] / 2**20})
     return out
