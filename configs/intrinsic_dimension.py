@@ -13,12 +13,12 @@ from configs import finetune_classifier
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "planted + digits MLP + CNN, doubling search for all five sketches (≈ 6 min)",
-    "quick": "planted k = 16, dense/affd/qk, doubling + binary + single-run searches (≈ 2 min)",
-    "planted": "planted k = 64, five sketches, doubling + single-run searches (≈ 5 min)",
-    "digits": "digits MLP and CNN, affd and qk, doubling + single-run searches (≈ 6 min)",
-    "minilm": "all-MiniLM-L6-v2 on the generated 4-class text set, qk, single-run search + verification (≈ 9 min)",
-    "minilm_doubling": "MiniLM, qk, the multi-run doubling search beside the single run (≈ 20 min)",
+    "": "planted + digits MLP + CNN, doubling search for all five sketches (≈ 10 min)",
+    "quick": "planted k = 16, dense/affd/qk, doubling + binary + single-run searches (≈ 4 min on loaded cores)",
+    "planted": "planted k = 64, five sketches, doubling + single-run searches (≈ 15 min on loaded cores)",
+    "digits": "digits MLP and CNN, affd and qk, doubling + single-run searches (≈ 16 min on loaded cores)",
+    "minilm": "all-MiniLM-L6-v2 on the generated 4-class text set, qk, single-run search + D*/2 verification (≈ 35 min on loaded cores)",
+    "minilm_doubling": "MiniLM, qk, the multi-run doubling search beside the single run (not run: ≈ 1.5 h on 2 CPU cores)",
 }
 
 
@@ -66,7 +66,7 @@ def get_config(arg=None):
         config.tasks = ("planted",)
         config.searches = ("doubling", "single_run")
         config.search.update(d0=16, d_max=1024, full_learning_rate=3e-2, learning_rate=1e-1, num_steps=200)
-        config.single_run.update(d_min=4, d_max=1024, interval=50, delta=0.01, learning_rate=1e-1, max_steps=4000)
+        config.single_run.update(d_min=4, d_max=256, interval=50, delta=0.01, learning_rate=1e-1, max_steps=4000)
     if arg == "quick":
         config.sketches = ("dense", "affd", "qk")
         config.searches = ("doubling", "binary", "single_run")
