@@ -1,7 +1,7 @@
 """Influence vs model size on planted facts with paraphrases, decoys and a second language (experiments/influence_scale.py).
 
     python -m experiments.run --config configs/influence_scale.py:quick --workdir runs/influence_scale_quick   (≈ 7 min, loaded 2 cores)
-    python -m experiments.run --config configs/influence_scale.py --workdir runs/influence_scale
+    python -m experiments.run --config configs/influence_scale.py --workdir runs/influence_scale   (≈ 10 min, loaded 2 cores)
 
 summary.json maps "L<layers>_d<d_model>/<metric>" to numbers (metrics in the experiment's docstring), e.g.
 `L2_d64/percentile/paraphrase`, `L1_d16/translation/percentile`, `L2_d32/sparsity/top1pct_share`.
@@ -10,7 +10,7 @@ import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: the shared 2-core CPU machine, loaded).
 PRESETS = {
-    "": "4 model sizes (8.6k-0.4M parameters), larger corpus, 800 steps (not timed; ≈ 20 min expected)",
+    "": "4 model sizes (8.6k-0.4M parameters), larger corpus, 800 steps (≈ 10 min)",
     "quick": "3 model sizes (8.6k-121k parameters), 24 facts, 500 steps (≈ 7 min)",
 }
 

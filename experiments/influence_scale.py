@@ -274,7 +274,7 @@ def _trend(values) -> str:
         return "undetermined"
     d = values[-1] - values[0]
     if abs(d) < 0.02:
-        return "flat"
+        return "stays flat"
     monotone = all(b >= a for a, b in zip(values, values[1:])) or all(b <= a for a, b in zip(values, values[1:]))
     return ("rises" if d > 0 else "falls") + ("" if monotone else " (not monotonically)")
 
@@ -290,18 +290,18 @@ def _reading(rows: list[dict], config) -> list[str]:
            f"{', '.join(format(r['query_accuracy'], '.2f') for r in rows)}.",
            f"- At every size paraphrases rank {'above' if min(gap) > 0 else 'not always above'} lexical decoys "
            f"(percentile gap {', '.join(format(g, '+.3f') for g in gap)}): in this miniature even the smallest model's "
-           "EK-FAC influence follows the entity pair more than the query's template tokens, so G23's small-model "
+           "EK-FAC influence follows the entity pair more than the query's template tokens, so Grosse et al.'s small-model "
            "lexical bias is " + ("not reproduced." if min(gap) > 0.1 else "only partly visible."),
            f"- Paraphrases (no shared token but the entities): their mean percentile rank {_trend(para)} with size "
-           f"({', '.join(f'{v:.3f}' for v in para)}); lexical decoys' {_trend(decoy)} "
-           f"({', '.join(f'{v:.3f}' for v in decoy)}). G23's observation predicts paraphrases rising and decoys "
+           f"({', '.join(f'{v:.3f}' for v in para)}); lexical decoys' rank {_trend(decoy)} "
+           f"({', '.join(f'{v:.3f}' for v in decoy)}). Grosse et al.'s observation predicts paraphrases rising and decoys "
            "falling with scale" + ("; that is what is seen here." if para[-1] > para[0] and decoy[-1] < decoy[0]
                                    else "; this miniature does not show both trends."),
            f"- Cross-language: the other-language statement's percentile {_trend(trans)} "
            f"({', '.join(f'{v:.3f}' for v in trans)}) against a control of "
            f"{', '.join(format(r['translation/control_percentile'], '.3f') for r in rows)} for other facts' "
            "statements.",
-           f"- Sparsity: the top-1% share {_trend(share)} ({', '.join(f'{v:.3f}' for v in share)}); G23 report "
+           f"- Sparsity: the top-1% share {_trend(share)} ({', '.join(f'{v:.3f}' for v in share)}); Grosse et al. report "
            "12–52% for the top 1% of sequences at 22B parameters over millions of sequences — with a few hundred "
            "documents the top 1% is a handful of documents, so these shares are not comparable in size.",
            "- These are single-seed numbers on a corpus of a few hundred documents; differences of a few percentile "
