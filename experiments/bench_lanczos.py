@@ -227,6 +227,19 @@ def measure_dimension(target_dim: int, config, use_matfree: bool) -> list[dict]:
     return records
 
 
+def _flat_record(record: dict) -> dict:
+    """metrics.jsonl keeps numbers: `<method>/<field>` and `<method>/<library>/<timing>` keys."""
+    method = record["method"]
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            for inner, number in value.items():
+                flat[f"{method}/{key}/{inner}"] = number
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{method}/{key}"] = value
+    return flat
+
+
 def _block_ritz(result):
     jax.block_until_ready(result.basis)
     return result
@@ -261,7 +274,7 @@ def run(config, workdir) -> dict:
     with jax.enable_x64(True):
         for target in config.target_dims:
             for record in measure_dimension(int(target), config, use_matfree):
-                workdir.log(record["D"], **record)
+                workdir.log(record["D"], **_flat_record(record))
                 records.append(record)
                 if not config.get("quiet", False):
                     print(f"[bench_lanczos] {record['method']} D={record['D']}: ours {record['ours']['median_s']:.4f} s"
