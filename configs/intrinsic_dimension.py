@@ -13,7 +13,7 @@ from configs import finetune_classifier
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "planted + digits MLP + CNN, doubling search for all five sketches (≈ 10 min)",
+    "": "planted + digits MLP + CNN, doubling search for all five sketches (≈ 6 min on idle cores)",
     "quick": "planted k = 16, dense/affd/qk, doubling + binary + single-run searches (≈ 4 min on loaded cores)",
     "planted": "planted k = 64, five sketches, doubling + single-run searches (≈ 15 min on loaded cores)",
     "digits": "digits MLP and CNN, affd and qk, doubling + single-run searches (≈ 16 min on loaded cores)",
