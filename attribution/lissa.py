@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LiSSADivergenceError", "lissa_inverse_hvp", "top_eigenvalue"]
+__all__ = ["LiSSADivergenceError", "lissa_inverse_hvp"]
 
 
 class LiSSADivergenceError(FloatingPointError):
@@ -40,25 +40,6 @@ def _as2d(name: str, x) -> jax.Array:
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape (count, dim), got shape {x.shape}")
     return x
-
-
-def top_eigenvalue(hvp_flat: Callable[[jax.Array], jax.Array], dim: int, *, iters: int = 100, seed: int = 0,
-                   dtype=jnp.float32) -> float:
-    """The largest-magnitude eigenvalue of the symmetric operator `hvp_flat` on R^dim by power iteration
-    (Rayleigh quotient after `iters` steps); use it to choose a LiSSA scale s ≥ λ_max + λ."""
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive int, got {iters!r}")
-    v = jax.random.normal(jax.random.key(seed), (dim,), dtype)
-    v = v / jnp.linalg.norm(v)
-
-    def step(v, _):
-        w = hvp_flat(v)
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(w.dtype).tiny), None
-
-    v, _ = jax.lax.scan(step, v, None, length=iters)
-    return float(v @ hvp_flat(v))
 
 
 def lissa_inverse_hvp(hvp_flat: Callable[[jax.Array], jax.Array], vectors, *, damping: float, scale: float,
@@ -118,8 +99,8 @@ def lissa_inverse_hvp(hvp_flat: Callable[[jax.Array], jax.Array], vectors, *, da
                 f"LiSSA diverged for {int(bad.sum())} of {vectors.shape[0]} vectors (repeat {rep}): the step norm "
                 f"‖r_j − r_(j−1)‖ reached {np.nanmax(np.where(np.isfinite(ratio), ratio, np.inf)):.3g}·‖v‖ "
                 f"(limit {divergence_factor}). The recursion converges only if scale > (λ_max(H) + damping)/2; "
-                f"got scale={scale}, damping={damping}. Raise the scale (e.g. to top_eigenvalue(hvp) + damping) "
-                "or the damping.")
+                f"got scale={scale}, damping={damping}. Raise the scale (e.g. to λ_max + damping, with λ_max from "
+                "landscape.top_eigenvalue(hvp, D, num_iters=..., key=..., estimate='rayleigh')) or the damping.")
         worst = np.maximum(worst, ratio)
         total = total + estimate
     result = total / repeats

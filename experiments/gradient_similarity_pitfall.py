@@ -536,7 +536,7 @@ def _stage(config, workdir: Workdir, prefix: str, ctx: dict, params) -> tuple[di
     if config.exact_if.enabled:
         x = config.exact_if
         mv, dim = make_ggn_matvec(apply, params, train_arrays)
-        lam_max = top_eigenvalue(mv, dim, num_iters=x.power_iters, key=jax.random.key(config.seed))
+        lam_max = top_eigenvalue(lambda v: mv(v[None])[0], dim, num_iters=x.power_iters, key=jax.random.key(config.seed))
         damping = x.damping_rel * lam_max
         rhs = np.concatenate([fq["sum"], ft["sum"][seed_idx: seed_idx + 1]])
         sol, iters, resid = inverse_hvp(lambda v: mv(v[None])[0], jnp.asarray(rhs, jnp.float32), damping=damping,

@@ -50,6 +50,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import sketching  # noqa: E402
+import landscape  # noqa: E402
 from attribution import baselines, ekfac, lissa, pbrf, scorers  # noqa: E402
 from attribution.evaluate import spearman  # noqa: E402
 from attribution.index import params_hash  # noqa: E402
@@ -313,7 +314,8 @@ def _run_task(task: Task, config, wd: Workdir) -> dict:
     out["shared_gradients_seconds"] = time.perf_counter() - start
 
     gnh_full = jax.jit(lambda v: ravel_pytree(_gnh_product(task, sub, task.train, unravel(v), 1.0 / n))[0])
-    lam_max = lissa.top_eigenvalue(gnh_full, dim, iters=config.power_iters, dtype=jnp.float64, seed=config.seed)
+    lam_max = landscape.top_eigenvalue(gnh_full, dim, num_iters=config.power_iters, key=jax.random.key(config.seed),
+                                       estimate="rayleigh", dtype=jnp.float64)
     lam = float(config.damping * lam_max)
     out.update(lambda_max_gnh=lam_max, damping=lam)
     print(f"[{task.name}] λ_max(G)={lam_max:.3g}, λ={lam:.3g}, D={dim}, candidates={len(candidates)}")

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import landscape
 from attribution import lissa, scorers
 
 
@@ -29,9 +30,11 @@ def _logreg(seed=0, n=200, d=6, c=1e-2):
     return np.asarray(hessian), hvp, sample_hvp, vectors
 
 
-def test_top_eigenvalue(x64):
+def test_top_eigenvalue_sets_the_scale(x64):
+    """The LiSSA scale comes from landscape.top_eigenvalue (one power iteration in the project)."""
     h, hvp, _, _ = _logreg()
-    np.testing.assert_allclose(lissa.top_eigenvalue(hvp, h.shape[0], iters=300, dtype=jnp.float64),
+    np.testing.assert_allclose(landscape.top_eigenvalue(hvp, h.shape[0], num_iters=300, key=jax.random.key(0),
+                                                        estimate="rayleigh", dtype=jnp.float64),
                                np.linalg.eigvalsh(h)[-1], rtol=1e-6)
 
 

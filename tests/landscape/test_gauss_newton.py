@@ -47,9 +47,15 @@ def test_power_iteration_reaches_the_top_eigenvalue(x64):
     params, logits_fn, weights = _problem()
     dense = _dense_ggn(params, logits_fn, weights)
     top = np.linalg.eigvalsh(dense)[-1]
-    estimate = top_eigenvalue(softmax_ggn_matvec(logits_fn, params, weights), dense.shape[0], num_iters=300,
-                              key=jax.random.key(0))
+    rows = softmax_ggn_matvec(logits_fn, params, weights)
+    estimate = top_eigenvalue(lambda v: rows(v[None])[0], dense.shape[0], num_iters=300, key=jax.random.key(0),
+                              dtype=jnp.float64)
     assert estimate <= top * (1 + 1e-9)
     assert estimate == pytest.approx(top, rel=1e-3)
+    rayleigh = top_eigenvalue(lambda v: rows(v[None])[0], dense.shape[0], num_iters=300, key=jax.random.key(0),
+                              estimate="rayleigh", dtype=jnp.float64)
+    assert rayleigh == pytest.approx(top, rel=1e-6)  # the Rayleigh quotient converges at twice the rate
     with pytest.raises(FloatingPointError, match="non-finite"):
         top_eigenvalue(lambda v: v * jnp.nan, 3, num_iters=2, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="estimate"):
+        top_eigenvalue(lambda v: v, 3, num_iters=2, key=jax.random.key(0), estimate="max")
