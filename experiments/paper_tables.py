@@ -669,21 +669,24 @@ def _plots(results: dict, config, workdir: Workdir) -> None:
     if "table6" in results:
         panels = []
         for model, res in results["table6"].items():
-            series = {k: (list(v), [1 - r for r in v.values()]) for k, v in res["r"].items()}
-            series = {k: ([2 ** int(x) for x in xs], ys) for k, (xs, ys) in series.items()}
+            series = {k: ([2 ** int(x) for x, _ in sorted(v.items())], [1 - r for _, r in sorted(v.items())])
+                      for k, v in res["r"].items()}
             panels.append(Panel(title=model, xlabel="sketch dimension m", ylabel="1 − Pearson r", series=series))
-        save_panel_grid(workdir.file("table6.png"), [panels], suptitle="Table 6: sketched vs exact gradient inner products")
+        save_panel_grid(workdir.file("table6.png"), [panels], suptitle="Table 6: sketched vs exact gradient inner products",
+                        panel_size=(max(6.5, 13.0 / len(panels)), 4.6))
     if "table7" in results:
-        series = {k: ([2 ** int(x) for x in v], list(v.values())) for k, v in results["table7"]["error"].items()}
+        series = {k: ([2 ** int(x) for x, _ in sorted(v.items())], [e for _, e in sorted(v.items())])
+                  for k, v in results["table7"]["error"].items()}
         save_panel_grid(workdir.file("table7.png"), [[Panel(title="tiny LM Hessian", xlabel="sketch dimension m",
                                                             ylabel="top-10 eigenvalue error", series=series)]],
-                        suptitle="Table 7: sketched Lanczos")
+                        suptitle="Table 7: sketched Lanczos", panel_size=(9.0, 4.6))
     if "table11" in results:
-        series = {k: ([2 ** int(x) for x in v], list(v.values())) for k, v in results["table11"]["ms"].items()}
+        series = {k: ([2 ** int(x) for x, _ in sorted(v.items())], [t for _, t in sorted(v.items())])
+                  for k, v in results["table11"]["ms"].items()}
         save_panel_grid(workdir.file("table11.png"), [[Panel(title=f"D = 2^{config.table11.log2_d}, CPU",
                                                              xlabel="sketch dimension m", ylabel="wall time (ms)",
                                                              series=series)]],
-                        suptitle="Fig. 7: dense projection vs affd vs qk")
+                        suptitle="Fig. 7: dense projection vs affd vs qk", panel_size=(9.0, 4.6))
 
 
 def _flat_summary(results: dict) -> dict:
