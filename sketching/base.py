@@ -110,6 +110,10 @@ def get(name: str, m: int, **options) -> Sketch:
     sketch except `dense` accepts `tables="regenerate"` (default: O(D) random diagonals and indices
     are regenerated from the key inside `apply`, the state stays small) or `tables="store"` (they are
     computed once in `init` and kept in the state; faster, O(D) memory).
+    The names "affd", "afjl", "qk" give the paper's maps (Schioppa 2024, eqs. 6, 7, 8) by default;
+    this library's own constructions are options: affd(permutations="none"),
+    afjl(reduction="segsum"), qk(construction="sandwich"); ffd(form="blocked") is Le et al.'s
+    blocked Fastfood (eqs. 3, 12).
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown sketch name={name!r}; allowed values: {sorted(_REGISTRY)}")
