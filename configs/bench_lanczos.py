@@ -7,7 +7,8 @@ matfree is an optional extra (`pip install -e .[bench]`); without it only our ti
 and every matfree entry is marked as skipped. See experiments/bench_lanczos.py for what is measured.
 
 Presets: "" (default) = D ≈ 10^3, 10^4, 10^5, 10^6 (one-hidden-layer MLPs on the digits), 60 Lanczos
-steps, SLQ 10 probes × 30 steps, Hutchinson 20 probes (≈ 10 min on 2 loaded CPU cores);
+steps, SLQ 10 probes × 30 steps, Hutchinson 20 probes (D ≤ 10^5 take ≈ 10 min on 2 loaded CPU cores,
+D = 10^6 more than 20 min more: its SLQ runs 300 HVPs per call and library);
 "quick" = D ≈ 10^3, 10^4, 10^5 with fewer repeats (≤ 5 min).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: 2 loaded CPU cores).
 PRESETS = {
-    "": "ours vs matfree (Lanczos, SLQ, Hutchinson) on a digits-MLP HVP at D ≈ 10^3 … 10^6 (≈ 10 min)",
+    "": "ours vs matfree (Lanczos, SLQ, Hutchinson) on a digits-MLP HVP at D ≈ 10^3 … 10^6 (> 30 min; D = 10^6 dominates)",
     "quick": "the same at D ≈ 10^3 … 10^5 with fewer probes and repeats (≈ 3 min)",
 }
 
