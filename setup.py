@@ -9,7 +9,7 @@ setup(
         "training-data attribution and loss-landscape studies"
     ),
     python_requires=">=3.10",
-    packages=["artifacts", "sketching", "landscape", "attribution", "experiments", "configs"],
+    packages=["artifacts", "sketching", "landscape", "attribution", "experiments", "experiments.common", "experiments.tasks", "configs"],
     install_requires=[
         "jax>=0.4.35",
         "jaxlib>=0.4.35",
