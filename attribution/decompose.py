@@ -1,4 +1,4 @@
-"""Decompositions of gradient-similarity scores (issue 7, "Decompositions").
+"""Decompositions of gradient-similarity scores.
 
 Per-layer: for PyTree gradients g = (g^(1), …, g^(L)) split by layer (a group of leaves),
 ⟨g_z, g_x⟩ = Σ_l ⟨g_z^(l), g_x^(l)⟩, so the per-layer scores sum exactly to the whole-model score.

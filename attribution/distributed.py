@@ -1,4 +1,4 @@
-"""Multi-host runs with JAX's distributed runtime, and the distributed index build (issue 9).
+"""Multi-host runs with JAX's distributed runtime, and the distributed index build.
 
 Initialisation. `initialize(config)` calls `jax.distributed.initialize(coordinator_address,
 num_processes, process_id)` once per process, before any other JAX call, from (in this order of

@@ -1,4 +1,4 @@
-"""EK-FAC influence functions for chosen Flax `Dense` layers (issue 8; ATTRIBUTION.md §1.3–1.9).
+"""EK-FAC influence functions for chosen Flax `Dense` layers.
 
 Layers. A Dense layer computes `s = x W + b`. With the homogeneous input `x̃ = [x, 1]` and the stacked
 weight `W̃ = [W; b]` (shape (in+1, out), Flax layout) its per-example gradient is

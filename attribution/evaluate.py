@@ -1,4 +1,4 @@
-"""Evaluation metrics for attribution scores (issue 7, "Evaluation"; ATTRIBUTION.md).
+"""Evaluation metrics for attribution scores.
 
 - LDS (Park et al. 2023, §2.2): for R random training subsets S_r (indicator rows of `masks`, (R, N)),
   the additive prediction of the query-z output is f̂_r(z) = Σ_{j∈S_r} τ(z, x_j); LDS(z) is the Spearman

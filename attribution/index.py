@@ -1,7 +1,6 @@
-"""On-disk index of sketched per-example gradients, and streaming top-k retrieval (issue 7, "Index").
+"""On-disk index of sketched per-example gradients, and streaming top-k retrieval.
 
-A training set of N examples becomes an N×m matrix of features, row i = Φ ∇θ ℓ(z_i, θ) (SPEC §4.1:
-sketched scores are ŝ(z, x) = ⟨Φg_z, Φg_x⟩), written to a folder:
+A training set of N examples becomes an N×m matrix of features, row i = Φ ∇θ ℓ(z_i, θ) (sketched scores are ŝ(z, x) = ⟨Φg_z, Φg_x⟩), written to a folder:
 
     PATH/manifest.json        format, meta (sketch, m, sketch_seed, checkpoint, ...), N, m, shard
                               size, storage dtype, example-id digest, completion flag, per-shard sha256
@@ -23,21 +22,21 @@ Fingerprints and checksums. The manifest and `fingerprint.json` store `meta`; a 
 meta (another sketch, m, seed or checkpoint hash), another N, shard size, storage dtype or other
 example ids raises `IndexMismatchError` naming every differing field (also when the manifest was
 deleted and only `fingerprint.json` remains), so vectors from different sketches or checkpoints are
-never mixed in one index (SPEC §7.6: record what is needed to regenerate the sketch with each store).
+never mixed in one index (record what is needed to regenerate the sketch with each store).
 Each shard's sha256 is recorded before the shard is written; a rerun reuses a shard only if its bytes
 match that checksum, and names (IndexRepairWarning) and recomputes an empty, corrupt or
 unaccounted-for one. Reads verify too: `GradientIndex` checks each shard's sha256 (and the example
 ids') once, on its first read, and raises `CorruptArtifactError` naming the file; paths in the
 manifest are confined to the index folder.
 
-Several processes (`attribution.distributed.build_index_distributed`, issue 9) each build an index
+Several processes (`attribution.distributed.build_index_distributed`) each build an index
 of a contiguous range of shards in PATH/process-PPPP-of-QQQQ/, and process 0 writes one merged
 manifest at PATH whose shard entries are relative paths into those folders (plus a `processes`
 list); it is read exactly like a single-process index.
 
 Retrieval (`top_k`) streams the index block by block and keeps, per query, the k best (score, row)
 pairs seen so far, so memory is O(Q·(k + block)) plus one block of features; it never loads the whole
-index (ATTRIBUTION.md §5: "block every n×m product; stream training gradients; … memory-map stores").
+index ("block every n×m product; stream training gradients; … memory-map stores").
 Ties are broken by the lower row index, which makes the result equal to a stable brute-force sort.
 Products are taken over fixed-shape tiles aligned to global rows, so scores are bit-identical for
 any block size, shard size or number of building processes.
@@ -708,7 +707,7 @@ def sketched_features_fn(
     mode: str = "explicit",
     out_dtype: str | None = "float32",
 ) -> FeaturesFn:
-    """features_fn(indices) = [Φ ∇θ ℓ(z_i, θ)]_{i ∈ indices}, shape (len(indices), m) (SPEC §4.1).
+    """features_fn(indices) = [Φ ∇θ ℓ(z_i, θ)]_{i ∈ indices}, shape (len(indices), m).
 
     z_i is the example `jax.tree_util.tree_map(lambda a: a[i], arrays)`; ℓ(z, θ) =
     sum(per_example_loss_fn(params, batch_of_one(z))), so either a per-example loss returning (1,)
@@ -836,7 +835,7 @@ def top_k(
     """The k highest-scoring training rows for every query: (scores (Q, k), indices (Q, k)), each row
     sorted by decreasing score, ties by lower row index (equal to a stable brute-force sort).
 
-    score="dot": s(q, t) = ⟨q, t⟩ (the sketched gradient-similarity score ⟨Φg_z, Φg_x⟩, SPEC §4.1);
+    score="dot": s(q, t) = ⟨q, t⟩ (the sketched gradient-similarity score ⟨Φg_z, Φg_x⟩);
     score="cosine": ⟨q, t⟩ / (‖q‖ ‖t‖), defined as 0 when either norm is 0;
     a callable score(q_block (Q, m), t_block (b, m)) -> (Q, b) for any other scorer (e.g. a bilinear
     form ⟨Pq, t⟩ with the queries preconditioned once by P before calling top_k).

@@ -1,4 +1,4 @@
-"""Query batching with low-rank preconditioned query gradients (issue 8; ATTRIBUTION.md §1.8).
+"""Query batching with low-rank preconditioned query gradients.
 
 Training gradients do not depend on the query, so one pass over the training set can serve many
 queries if their preconditioned gradients P_q = (Ĝ + λI)⁻¹ ∇L(z_q) fit in memory. Per layer, G23

@@ -1,6 +1,6 @@
-"""Cached, resumable retraining: the ground truth of LDS, leave-one-out and brittleness (issue 7).
+"""Cached, resumable retraining: the ground truth of LDS, leave-one-out and brittleness.
 
-Counterfactual evaluations of attribution (ATTRIBUTION.md §4) retrain the model on many training
+Counterfactual evaluations of attribution retrain the model on many training
 subsets S_r ⊂ {1..N}, given as indicator rows `masks[r]` ∈ {0, 1}^N, and record an outcome vector per
 run (e.g. the query losses f_q(θ_{S_r}) and margins). Retraining dominates the cost, so every outcome is
 stored on disk as soon as it exists:

@@ -1,8 +1,8 @@
-"""Attribution scorers on (sketched or plain) per-example gradient features (issue 7, "Scorers").
+"""Attribution scorers on (sketched or plain) per-example gradient features.
 
 Every scorer maps query features G_q (Q, m) and training features G_t (N, m) to a score matrix
 S (Q, N). Features may be plain flattened gradients g = ∇θ ℓ (sketch "none") or sketched ones Φg
-(SPEC §4.1: ⟨Φg_z, Φg_x⟩ ≈ ⟨g_z, g_x⟩), so each scorer works for every sketch.
+(⟨Φg_z, Φg_x⟩ ≈ ⟨g_z, g_x⟩), so each scorer works for every sketch.
 
 Sign convention: HIGHER = MORE HELPFUL, i.e. a larger score means that up-weighting the training
 example x is predicted to lower the query loss ℓ(z) more.
@@ -17,7 +17,7 @@ example x is predicted to lower the query loss ℓ(z) more.
 - arnoldi:  S = Σ_{i≤p} ⟨u_i, g_z⟩⟨u_i, g_x⟩ / λ_i   (Schioppa et al. 2022, "Scaling up influence
                                                   functions": the inverse Hessian restricted to its top-p
                                                   eigenpairs (λ_i, u_i) found by Arnoldi; with a sketch the
-                                                  eigenpairs are those of ΦHΦᵀ and g are sketched, SPEC §4.2)
+                                                  eigenpairs are those of ΦHΦᵀ and g are sketched)
 - influence (exact IF, Koh & Liang 2017): I(z, x) = ∇ℓ(z)ᵀ (H + λI)⁻¹ ∇ℓ(x), solved by conjugate
   gradient on HVPs. This is −(d ℓ(z)/dε) when x is up-weighted by ε in the (1/N-normalised) training
   loss, times N: positive = helpful. The predicted change of the query loss after REMOVING x from a

@@ -1,4 +1,4 @@
-"""Simfluence: a linear Markov simulator of per-example test loss over training (issue 8).
+"""Simfluence: a linear Markov simulator of per-example test loss over training.
 
 Guu et al. 2023, "Simfluence: Modeling the Influence of Individual Training Examples by Simulating
 Training Runs", §3 (Simfluence-Linear). For a test example z and the training batch c_t of step t:

@@ -1,4 +1,4 @@
-"""TF-IDF / BM25 candidate filtering before influence scoring (issue 8; ATTRIBUTION.md §1.7).
+"""TF-IDF / BM25 candidate filtering before influence scoring.
 
 Computing a training gradient per (query, candidate) pair is the bottleneck of influence functions
 [Grosse et al. 2023 ("G23") §3.2], so G23 first keep, per query, the top N training sequences by a

@@ -1,4 +1,4 @@
-"""Scaling benchmark (issue 9): throughput of sharded per-example sketched gradients vs device count.
+"""Scaling benchmark: throughput of sharded per-example sketched gradients vs device count.
 
     python -m experiments.run --config configs/bench_scaling.py:quick --workdir runs/scaling_quick
     python -m experiments.run --config configs/bench_scaling.py --workdir runs/scaling

@@ -1,4 +1,4 @@
-"""Sketch benchmark (issue 3 §4; the paper's Figs. 3–4 / Tables 3–4 axes, SPEC §5.1).
+"""Sketch benchmark (the paper's Figs. 3–4 / Tables 3–4 axes).
 
 Wall time, compiled memory and peak RSS of the jitted `sketch.apply` for every sketch over a grid
 of D (parameters) and m (sketch dimension), with ratio tables vs `dense`, `afjl` vs `fjl` and
@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sketch_options = sketch_options()
     config.log2_D = tuple(range(16, 25))       # D = 2^16 … 2^24 (the paper-scale grid)
     config.m_values = (256, 1024, 4096)
-    # Timing protocol (SPEC §5.1): `warmup` untimed calls, then up to `repeats` timed ones, but no new
+    # Timing protocol: `warmup` untimed calls, then up to `repeats` timed ones, but no new
     # call once a configuration has used `time_budget_s` (at least one warm-up and one timed call).
     config.warmup = 3
     config.repeats = 20

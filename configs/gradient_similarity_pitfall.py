@@ -1,4 +1,4 @@
-"""The gradient-similarity pitfall (issue 7): one trailing "." changes the whole-gradient cosine.
+"""The gradient-similarity pitfall: one trailing "." changes the whole-gradient cosine.
 
     python -m experiments.run --config configs/gradient_similarity_pitfall.py:quick --workdir runs/gsp_q  (≤ 3 min, 2 cores)
     python -m experiments.run --config configs/gradient_similarity_pitfall.py --workdir runs/gsp

@@ -1,4 +1,4 @@
-"""Scaling benchmark: examples/s of sharded per-example sketched gradients vs device count (issue 9).
+"""Scaling benchmark: examples/s of sharded per-example sketched gradients vs device count.
 
 For each n in `config.device_counts`, a fresh subprocess (the device count is fixed when JAX starts)
 runs `python -m experiments.bench_scaling --worker SPEC`:

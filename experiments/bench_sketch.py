@@ -1,4 +1,4 @@
-"""Sketch benchmark: wall time and memory of `sketch.apply` over D and m (issue 3 §4, SPEC §5.1).
+"""Sketch benchmark: wall time and memory of `sketch.apply` over D and m.
 
 For each D = 2^k in `config.log2_D`, each sketch in `config.sketches` and each m in `config.m_values`:
 

@@ -19,7 +19,7 @@
    near chance; `raw_exact` reports that case. Against the
    planted truth (the documents stating fact j): recall@k = fraction of queries with at least one
    planting document in the top k; MRR = mean over queries of 1 / (rank of the first planting
-   document) (ATTRIBUTION.md §4.4). `exact` uses the unsketched gradients as the reference.
+   document). `exact` uses the unsketched gradients as the reference.
 4. sketch_overhead/s = median time of the jitted sketched per-example gradients of all training
    documents / median time of the jitted plain per-example gradients (the PyTree of all g_i),
    measured in this run with `experiments.common.timing.median_time`.

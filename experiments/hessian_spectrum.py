@@ -1,5 +1,5 @@
 """Experiment `hessian_spectrum`: Hessian spectra of C-class classifiers over training, with the full and
-the sketched Krylov basis (SPEC §4.2; the paper's Fig. 2/5/6 in miniature; LANDSCAPE.md §6).
+the sketched Krylov basis (the paper's Fig. 2/5/6 in miniature).
 
 For each study (a classifier config: data, model, train) and each checkpoint step s:
   H   = Hessian of the mean loss over a fixed subset (the first `spectrum.num_examples` training

@@ -18,9 +18,9 @@ features Φg of every sketch at every m (the index of attribution/index.py, buil
   so φ = (sketched) ∇ℓ / (1 − p) (Park et al. 2023 eqs. 11–13). Digits: E independently initialised
   models; LM: one model and loss gradients (no margin for a sum-over-tokens loss).
 - arnoldi: Σ_{i≤p} ⟨u_i, g_z⟩⟨u_i, g_x⟩/λ_i with the top-p Ritz pairs of H (none) or of ΦHΦᵀ (sketched)
-  from `landscape.arnoldi` (Schioppa et al. 2022; SPEC §4.2).
+  from `landscape.arnoldi` (Schioppa et al. 2022).
 - exact_if: ⟨g_z, (H + λI)⁻¹ g_x⟩ by conjugate gradient on HVPs; sketched: ⟨Φg_z, (ΦHΦᵀ + λI)⁻¹ Φg_x⟩
-  (SPEC §4.2, the sketched influence extension).
+  (the sketched influence extension).
 
 Metrics (attribution/evaluate.py, ground truth cached by attribution/retrain.py):
 - lds: R retrainings on random halves, Spearman(Σ_{j∈S} τ(z, x_j), −f_z(θ_S)) per query, averaged.
@@ -32,7 +32,7 @@ Metrics (attribution/evaluate.py, ground truth cached by attribution/retrain.py)
 - corr_vs_none: Pearson over all (query, train) pairs between a sketched scorer and the same scorer on
   exact gradients (how much the sketch changes the scores, per m).
 - index build_s / size_bytes per sketch and m.
-- layer selection (SPEC §4, Experiment A): Pearson over all pairs between the dot score restricted to one
+- layer selection (Experiment A): Pearson over all pairs between the dot score restricted to one
   layer's parameters and the whole-model dot score (and the exact IF on digits), against the same for a
   whole-model sketch at m = `layer_selection_m`.
 Writes summary.json, report.md, tda_benchmark.png and per task the indexes and retraining caches.
@@ -484,7 +484,7 @@ def _metrics(task: Task, scores: np.ndarray, truth: GroundTruth) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Layer selection vs whole-model sketches (SPEC §4, Experiment A)
+# Layer selection vs whole-model sketches (Experiment A)
 # ----------------------------------------------------------------------------------------------
 
 def _layer_selection(task: Task, exact_queries: np.ndarray, exact_train: np.ndarray, reference: dict[str, np.ndarray],

@@ -1,9 +1,9 @@
-"""Stochastic Lanczos quadrature (SLQ) spectral density and Hutchinson trace (LANDSCAPE.md §3, §4).
+"""Stochastic Lanczos quadrature (SLQ) spectral density and Hutchinson trace.
 
 SLQ [Ubaru, Chen, Saad 2017; Ghorbani et al. 2019]. For each of n_v Rademacher probes z^(l) ∈ {±1}^D:
   1. run k Lanczos steps from v_1 = z / ‖z‖ → T^(l);
   2. T^(l) = U diag(θ^(l)) Uᵀ (float64 `eigh`); nodes θ_i^(l), weights τ_i^(l) = U[0, i]² — the squared
-     FIRST ROW of the eigenvector matrix (PyHessian's bug squared the whole matrix; LANDSCAPE §5), Σ_i τ_i = 1;
+     FIRST ROW of the eigenvector matrix (PyHessian's bug squared the whole matrix), Σ_i τ_i = 1;
   3. φ(t) = (1/n_v) Σ_l Σ_i τ_i^(l) N(t; θ_i^(l), σ²), evaluated on a grid and renormalised to Σ φ Δt = 1.
 Why: v_1ᵀ f(A) v_1 = e_1ᵀ f(T) e_1 = Σ_i τ_i f(θ_i) is k-point Gauss quadrature for the spectral measure
 seen from v_1, exact for polynomials of degree ≤ 2k − 1; tr f(A) ≈ (D / n_v) Σ_l Σ_i τ_i^(l) f(θ_i^(l)).
@@ -12,7 +12,7 @@ is sigma_squared · max(1, λ_max − λ_min); the grid extends 1% of the range 
 
 Hutchinson: tr(A) ≈ (1/n) Σ_l z_lᵀ A z_l with Rademacher z_l (per-probe variance 2(‖A‖_F² − Σ_j A_jj²));
 diag(A) ≈ (1/n) Σ_l z_l ⊙ A z_l. A fixed number of probes, reported as mean ± standard error (no
-PyHessian-style early stop, LANDSCAPE §4). The same `probe_vectors` feed both estimators, so
+PyHessian-style early stop). The same `probe_vectors` feed both estimators, so
 D · mean_l Σ_i τ_i^(l) θ_i^(l) equals the Hutchinson estimate exactly (τθ summed is e_1ᵀ T e_1 = α_1).
 """
 from __future__ import annotations
@@ -139,7 +139,7 @@ def probe_batch_size(num_probes: int, rows: int, size: int, itemsize: int,
 
 def slq(matvec: Callable[[PyTree], PyTree], template: PyTree, num_iters: int, num_probes: int, key: jax.Array, *,
         probe_batch: int | None = None, progress: bool = False) -> SpectralDensity:
-    """SLQ spectral density of a symmetric operator (full re-orthogonalisation, LANDSCAPE §3).
+    """SLQ spectral density of a symmetric operator (full re-orthogonalisation).
 
     Compiled: each group of `probe_batch` probes runs its Lanczos recurrences side by side (`vmap`
     over the compiled Krylov loop; float64 recurrences, two Gram–Schmidt passes per step), with one

@@ -1,8 +1,8 @@
-"""Lanczos and Arnoldi over PyTrees, with an optional sketched Krylov basis (LANDSCAPE.md §2, SPEC §4.2).
+"""Lanczos and Arnoldi over PyTrees, with an optional sketched Krylov basis.
 
 One Krylov driver serves both methods. Starting from a unit vector v_1, step j computes w = A v_j and
 orthogonalises it against the whole basis by classical Gram–Schmidt applied twice ("twice is enough",
-LANDSCAPE §2.1; matfree's `reortho="full"` does the same):
+as in Paige 1971 / Parlett's full reorthogonalisation; matfree's `reortho="full"` does the same):
 
     h  = Vᵀw;  w ← w − V h;   h' = Vᵀw;  w ← w − V h';   H[:, j] = h + h';  β_j = ‖w‖;  v_{j+1} = w / β_j
 
@@ -16,19 +16,19 @@ the operator is symmetric); `arnoldi` symmetrises the square block, 0.5 (H + H�
 Ritz pairs: T_k = S diag(θ) Sᵀ (float64 `eigh`), Ritz vectors y_i = V_k s_i, and the residual
 certificate ‖A y_i − θ_i y_i‖ = β_k |S[k−1, i]| (exact when the basis is orthonormal, §2.1).
 
-Precision (LANDSCAPE §1, project rule): the matvec runs in the model dtype; the basis and the dot
+Precision (project rule): the matvec runs in the model dtype; the basis and the dot
 products are float64 when x64 is enabled (float32 with HIGHEST-precision matmuls otherwise); H, T and
 `eigh` are float64 NumPy on the host.
 
 Breakdown (§2.3): β_j ≤ 64 · eps(matvec dtype) · ‖A‖_est means the Krylov space is invariant; the run
 stops there and returns the exact smaller T (no NaN, no division by ~0). num_iters > D raises.
 
-Sketched basis (the paper's memory trick, SPEC §4.2): with `sketch=`, Lanczos runs on the m × m
+Sketched basis (the paper's memory trick): with `sketch=`, Lanczos runs on the m × m
 operator A_Φ = Φ A Φᵀ (u ↦ Φ(A(Φᵀu))), so the Krylov vectors live in R^m. k iterations then hold
 D·O(1) numbers (one Φᵀu and one A-product at a time) plus k·m for the basis, instead of k·D. For a
 JL-normalised Φ the top eigenvalues of Φ A Φᵀ approximate those of A up to a shift ≈ (tr A − λ)/m and
-fluctuations ≈ ‖A‖_F/√m (SPEC §3.5); Ritz vectors come back in sketch space, where gradient alignment
-‖U_kᵀ Φ g‖² / ‖Φ g‖² is measured (SPEC §4.2).
+fluctuations ≈ ‖A‖_F/√m; Ritz vectors come back in sketch space, where gradient alignment
+‖U_kᵀ Φ g‖² / ‖Φ g‖² is measured.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from sketching.layout import Layout
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
 START_DISTRIBUTIONS = ("rademacher", "gaussian")
-BREAKDOWN_FACTOR = 64.0  # tol_break = 64 · eps · ‖A‖ (CuPy PR #10098, LANDSCAPE §2.3)
+BREAKDOWN_FACTOR = 64.0  # tol_break = 64 · eps · ‖A‖ (CuPy PR #10098)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -535,7 +535,7 @@ def lanczos(
          its state. `start` overrides the random start (a PyTree, or an (m,) array with a sketch).
     sketch: None (Krylov basis in R^D) or a Sketch / (Sketch, state): run on Φ A Φᵀ with the basis in R^m.
     reorthogonalize: False gives plain three-term Lanczos (for demonstrations; not trustworthy for
-         eigenvectors, LANDSCAPE §2.4 item 3).
+         eigenvectors).
     symmetry_tol: the largest relative non-tridiagonal part of H accepted (−1: a default by dtype,
          None: no check). Exceeding it raises ValueError: the operator is not symmetric.
     Returns a KrylovResult (eigenvalues descending; eigenvectors as a PyTree or in sketch space).
@@ -597,7 +597,7 @@ def arnoldi(
     start_distribution: str = "gaussian",
     progress: bool = False,
 ) -> KrylovResult:
-    """Arnoldi iteration (Schioppa et al. 2022's influence code path; LANDSCAPE §2.5).
+    """Arnoldi iteration (Schioppa et al. 2022's influence code path).
 
     The raw Hessenberg matrix H ((k+1) × k, A V_k = V_{k+1} H) is returned as `.hessenberg` for any
     operator. Ritz pairs come from the symmetrised tridiagonal projection of the square block (zero

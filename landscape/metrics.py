@@ -1,12 +1,12 @@
-"""Hessian-spectrum metrics of the paper's Fig. 2 studies (SPEC §4.2, LANDSCAPE.md §6, §8).
+"""Hessian-spectrum metrics of the paper's Fig. 2 studies.
 
   RNEG      = |λ⁻| / λ⁺_1, λ⁻ the most negative Ritz value (0 when none is negative), λ⁺_1 the largest.
   R(n)      = λ⁺_n / λ⁺_1 for the n-th largest positive eigenvalue.
   outliers  = #{positive λ with R > 20%} (the paper's threshold, after Ghorbani et al. 2019 Fig. 2);
-              `gap_outlier_count` is the bulk-edge alternative of LANDSCAPE §8.
+              `gap_outlier_count` is the bulk-edge alternative (a relative gap above the bulk's local spacing).
   alignment = ‖U_kᵀ g‖² / ‖g‖², the fraction of the gradient's squared norm in the span of the top-k
               Ritz vectors (Gur-Ari et al. 2018); with a sketched basis g is replaced by Φg and U_k
-              are the sketch-space Ritz vectors (SPEC §4.2).
+              are the sketch-space Ritz vectors.
   overlap   = tr(P_k(t1) P_k(t2)) / k = ‖U_k(t1) U_k(t2)ᵀ‖_F² / k (subspace stability).
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def outlier_count(eigenvalues, threshold: float = OUTLIER_THRESHOLD) -> int:
 def gap_outlier_count(eigenvalues, factor: float = 2.0, window: int = 5) -> int:
     """Outliers above the bulk edge: the edge is the gap between consecutive positive Ritz values that is
     largest relative to the mean of the `window` spacings just below it; values above it count when
-    that ratio exceeds `factor` (LANDSCAPE §8: separated by a relative gap > 2× local spacing), else 0.
+    that ratio exceeds `factor` (separated by a relative gap > 2× local spacing), else 0.
     (The mean, not the median: the edge gap itself then dominates the window of the gap above it.)"""
     values = _descending(eigenvalues)
     positive = np.sort(values[values > 0])  # ascending
@@ -127,7 +127,7 @@ def subspace_overlap(first: KrylovResult, second: KrylovResult, k: int) -> float
 
 
 def relative_errors(estimate, reference, k: int) -> np.ndarray:
-    """|λ̂_i − λ_i| / |λ_i| for the top-k of two descending eigenvalue lists (SPEC §4.2, Table 7 protocol)."""
+    """|λ̂_i − λ_i| / |λ_i| for the top-k of two descending eigenvalue lists (Table 7 protocol)."""
     est, ref = _descending(estimate)[:k], _descending(reference)[:k]
     if est.size < k or ref.size < k:
         raise ValueError(f"need at least k={k} eigenvalues in both lists, got {est.size} and {ref.size}")

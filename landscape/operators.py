@@ -1,4 +1,4 @@
-"""Curvature operators over PyTrees for `lanczos` / `slq` / `hutchinson` (LANDSCAPE.md §1).
+"""Curvature operators over PyTrees for `lanczos` / `slq` / `hutchinson`.
 
 `hvp_fn(loss_fn, params, batches)` is the Hessian of the mean loss over a fixed, deterministic data
 subset given as a sequence of batches:
@@ -9,9 +9,9 @@ where J_b is `loss_fn(θ, batch_b)` (a mean over the batch's n_b examples) and H
 forward-over-reverse product jvp(grad J_b)(θ; v) (PyHessian's `dataloader_hv_product` weighting).
 The per-batch product is compiled once per batch shape; batches are visited in order every call,
 so the operator is a deterministic function of v (no shuffling, no dropout: the models here are
-deterministic, LANDSCAPE §1).
+deterministic).
 
-Sharded (issue 9): `hvp_fn(..., mesh=mesh)` (or `sharded_hvp_fn`) splits every batch over the mesh
+Sharded: `hvp_fn(..., mesh=mesh)` (or `sharded_hvp_fn`) splits every batch over the mesh
 axis `data_axis` (`NamedSharding(mesh, P("data"))`), keeps parameters already placed on the mesh
 (e.g. FSDP-sharded, `sketching.sharded.fsdp_shard_params`) and replicates the others, and places v
 like the parameters. Since J_b is a mean over examples, H_b v = (1/n_b) Σ_i H_i v: each device
@@ -123,7 +123,7 @@ def sharded_hvp_fn(
     *,
     data_axis: str = "data",
 ) -> Callable[[PyTree], PyTree]:
-    """`hvp_fn` with every batch split over the mesh axis `data_axis` (module docstring, issue 9)."""
+    """`hvp_fn` with every batch split over the mesh axis `data_axis` (module docstring)."""
     from sketching import sharded
 
     fractions = _batch_fractions(batches)

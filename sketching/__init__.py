@@ -23,7 +23,7 @@ from sketching.gradients import (
     sketched_hessian_operator,
 )
 from sketching.layout import Layout
-from sketching import sharded  # noqa: E402  (multi-device, issue 9)
+from sketching import sharded  # noqa: E402  (multi-device)
 
 NAMES = names()
 

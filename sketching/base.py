@@ -1,4 +1,4 @@
-"""The sketch protocol (DESIGN.md): `Sketch(init, apply, transpose)` over parameter PyTrees.
+"""The sketch protocol: `Sketch(init, apply, transpose)` over parameter PyTrees.
 
     sketch = sketching.get("afjl", m=1024)
     state = sketch.init(jax.random.key(0), params)   # small: key + O(m + √D) tables

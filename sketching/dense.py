@@ -1,4 +1,4 @@
-"""Dense Gaussian / Rademacher JL: the reference sketch and the TRAK-style baseline (SPEC §2.1, §8.1).
+"""Dense Gaussian / Rademacher JL: the reference sketch and the TRAK-style baseline.
 
     Φ x = R x / √m,   R ∈ R^{m×D},  R_ij ~ N(0, 1)  (or ±1 with distribution="rademacher", TRAK's)
 

@@ -1,4 +1,4 @@
-"""FFD: the Fastfood transform as used for intrinsic dimension, in the sketching direction (SPEC §2.3).
+"""FFD: the Fastfood transform as used for intrinsic dimension, in the sketching direction.
 
 Li et al. (2018) and Aghajanyan et al. (2021) map ω ∈ R^m to parameters with
 
@@ -10,7 +10,7 @@ G a Gaussian diagonal. The sketch is the transpose,
     Φ_FFD x = Pᵀ x = c · crop_m( B H Πᵀ G H · pad_n(x) ),   c = √(n/m) / rms(γ),
 
 so that E‖Φx‖² ≈ ‖x‖². It is included as the baseline the paper shows is *not* a sketch
-(Theorem 3.1, SPEC §3.1): x is Hadamard-transformed before any sign flip, so Walsh-aligned inputs
+(Theorem 3.1): x is Hadamard-transformed before any sign flip, so Walsh-aligned inputs
 collapse onto one or two coordinates and ‖Φx‖² ~ χ²_r/r for every m. Its permutation is a
 look-up of size n (stored with tables="store", as the intrinsic-dimension code does, or regenerated
 by a sort inside every call with the default tables="regenerate").

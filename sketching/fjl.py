@@ -1,4 +1,4 @@
-"""FJL: the fast Johnson–Lindenstrauss transform / subsampled randomized Hadamard (SPEC §2.2).
+"""FJL: the fast Johnson–Lindenstrauss transform / subsampled randomized Hadamard.
 
     Φ x = √(n/m) · S · H_n · B · pad_n(x),     n = 2^⌈log2 D⌉
 

@@ -1,4 +1,4 @@
-"""Sketched gradients and Hessian-vector products of `loss_fn(params, batch) -> scalar` (SPEC §1.3, §1.4).
+"""Sketched gradients and Hessian-vector products of `loss_fn(params, batch) -> scalar`.
 
 * Explicit: materialise g = ∇_θ L(θ), then Φg.
 * Implicit: differentiate ω ↦ L(θ + Φᵀω) at ω = 0; the chain rule gives Φ ∇_θ L(θ) while the
@@ -7,7 +7,7 @@
   (the paper's Table 4 axis "implicit → explicit").
 * HVP: forward-over-reverse, Hv = ∂/∂t ∇L(θ + t v). Sketched HVP: Φ(Hv).
 * Sketched Hessian operator: u ↦ Φ H Φᵀ u = ∇²_ω L(θ + Φᵀω)|₀ u, an m×m operator costing one full HVP
-  per product; Lanczos on it stores Krylov vectors of size m instead of D (SPEC §1.4, §4.2).
+  per product; Lanczos on it stores Krylov vectors of size m instead of D.
 
 Per-example functions call `loss_fn` on a batch of one example (a leading axis of size 1 is added),
 so the same `loss_fn` serves whole batches and single examples.

@@ -1,11 +1,10 @@
-"""How a parameter PyTree becomes a vector in R^D and back (SPEC §2.0, "global" layout).
+"""How a parameter PyTree becomes a vector in R^D and back ("global" layout).
 
 Every sketch sees the PyTree through one `Layout`: leaves are flattened in `jax.tree_util` order,
 each leaf row-major, and concatenated into one vector of length D in the *compute dtype* (float32,
 or float64 when the template is float64 and x64 is enabled; bfloat16/float16 leaves are sketched in
-float32, SPEC §7.4). Padding to the length a transform needs (a power of two, a multiple of a block
-product) is done by each sketch with `pad` / `crop` below, always with zeros after the last leaf
-(SPEC §2.9 item 6), so padded coordinates never receive updates in implicit mode.
+float32). Padding to the length a transform needs (a power of two, a multiple of a block
+product) is done by each sketch with `pad` / `crop` below, always with zeros after the last leaf, so padded coordinates never receive updates in implicit mode.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """LoGra: per-layer two-sided (Kronecker) gradient projection (Choe et al. 2024, "What is Your Data
-Worth to GPT? LLM-Scale Data Valuation with Influence Functions", §3; ATTRIBUTION.md §2 "LoGra").
+Worth to GPT? LLM-Scale Data Valuation with Influence Functions", §3).
 
 For a matrix leaf G ∈ R^{a×c} (a Dense kernel (in, out); a leaf of more dimensions is read as
 (prod(shape[:-1]), shape[-1])) LoGra keeps

@@ -26,7 +26,7 @@ The zero-padded input is split into C chunks x_j of size c = n₁⋯n_k, each re
 (shared by all chunks), fresh signs B′_j; the chunk results are summed (E over B′ kills the cross
 terms, so the sum stays unbiased) and reduced by the Kronecker Gaussian A_i ∈ R^{m_i×n_i} with
 entries N(0, 1/m_i), m = m₁⋯m_k. No gathers, no FWHT: k small matmuls over D numbers and k over c.
-Why both sign layers (SPEC §3.3): a Kronecker Gaussian alone has relative variance
+Why both sign layers: a Kronecker Gaussian alone has relative variance
 ≈ 2(1/m₁+1/m₂) on rank-one inputs (distortion ~ m^{-1/4}); B then Q flatten spikes, B′ breaks the
 rank-one structure, and then the rate is the dense Gaussian's √(2/m) up to small factors.
 Sizes: with D ≥ f^k (f = factor_size) all n_i = f and C = ⌈D/f^k⌉; otherwise one chunk with

@@ -1,4 +1,4 @@
-"""Sharded per-example gradient sketching over a `jax.sharding.Mesh` (issue 9, data and FSDP parallelism).
+"""Sharded per-example gradient sketching over a `jax.sharding.Mesh` (data and FSDP parallelism).
 
     mesh = sharded.make_mesh()                               # all devices on one "data" axis
     rows = sharded.sharded_sketch_per_example_gradients(sketch, state, loss_fn, params, batch, mesh)

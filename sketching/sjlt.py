@@ -1,4 +1,4 @@
-"""SJLT / CountSketch: sparse JL with s non-zeros per column (GraSS-style baseline, SPEC §8.4).
+"""SJLT / CountSketch: sparse JL with s non-zeros per column (GraSS-style baseline).
 
     (Φ x)_k = (1/√s) Σ_{t<s} Σ_{i : h_t(i) = k} σ_t(i) x_i
 

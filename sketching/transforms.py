@@ -1,21 +1,21 @@
-"""Building blocks shared by the sketches (SPEC §2.0, §7.2, §7.3).
+"""Building blocks shared by the sketches.
 
 * `random_signs`, `random_normal`: random diagonals B = diag(±1) and G = diag(N(0,1)), regenerated
   from a key (signs come from 32 random bits per uint32 word, so they are cheap to regenerate).
 * `fwht`: orthonormal Walsh–Hadamard transform in Sylvester order, applied as a Kronecker product of
-  small dense ±1 matrices, H_{ab} = H_a ⊗ H_b (SPEC §7.2), i.e. a few small matmuls.
+  small dense ±1 matrices, H_{ab} = H_a ⊗ H_b, i.e. a few small matmuls.
 * `dht`: orthonormal discrete Hartley transform (Re F − Im F)/√n, any length, via the real FFT.
 * `haar_orthogonal`: Haar-distributed orthogonal matrix, QR with the sign fix of Mezzadri (2007)
-  (SPEC §2.9 item 3).
+ .
 * `kron_apply`: (F_1 ⊗ … ⊗ F_k) x for row-major x, without forming the Kronecker product
-  (SPEC §2.9 items 1–2).
+ .
 * `haar_rows`: the first r rows of a Haar orthogonal b×b matrix (QR of a b×r Gaussian with the sign
   fix), the factors of the paper's QK (eq. 8, App. C.5).
 * `factor_permutations`, `permuted_sylvester`: one random permutation per Kronecker factor and the
   Sylvester factors with permuted rows or columns, the paper's H^{π1} / H^{π2} (eq. 6).
 * `Mixer`: the orthogonal "pre-conditioner" of AFFD/AFJL (the paper's Table 4 axis HN / FFT / Q).
 
-All matmuls use `precision=HIGHEST` (SPEC §7.4).
+All matmuls use `precision=HIGHEST`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from sketching.layout import next_power_of_two
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# Fixed fold_in tags, one per random component (SPEC §7.6): never reuse a key for two components.
+# Fixed fold_in tags, one per random component: never reuse a key for two components.
 TAG_SIGNS = 1
 TAG_GAUSSIAN = 2
 TAG_PERMUTATION = 3
@@ -86,8 +86,7 @@ def power_of_two_blocks(n: int, max_block: int) -> tuple[int, ...]:
 def kron_apply(factors, x: jax.Array) -> jax.Array:
     """(F_1 ⊗ … ⊗ F_k) x with F_i of shape (m_i, n_i) and x of shape (..., Π n_i), row-major.
 
-    With X = x.reshape(n_1, …, n_k) the i-th factor contracts axis i of X (SPEC §2.9 item 1:
-    (A ⊗ B) x = (A X Bᵀ).reshape(-1) for row-major X). Leading axes of x are batch axes.
+    With X = x.reshape(n_1, …, n_k) the i-th factor contracts axis i of X ((A ⊗ B) x = (A X Bᵀ).reshape(-1) for row-major X). Leading axes of x are batch axes.
     """
     in_shape = tuple(int(f.shape[1]) for f in factors)
     if x.shape[-1] != math.prod(in_shape):
@@ -188,7 +187,7 @@ def dht(x: jax.Array) -> jax.Array:
 def haar_orthogonal(key: jax.Array, n: int, dtype=jnp.float32) -> jax.Array:
     """Haar-distributed n×n orthogonal matrix: Q of the QR of a Gaussian G, with the sign fix.
 
-    Q·diag(sign(diag R)) is Haar (Mezzadri 2007; SPEC §2.9 item 3). The QR is a Householder QR in
+    Q·diag(sign(diag R)) is Haar (Mezzadri 2007). The QR is a Householder QR in
     plain JAX ops (a `fori_loop` of rank-one updates, O(n³)) rather than LAPACK: XLA's CPU runtime
     can wedge when several LAPACK QR calls run in one vmapped program (seen with jax 0.10.2 when
     `init` is vmapped over 128 keys), and sketch states are routinely built under vmap.

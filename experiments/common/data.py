@@ -1,6 +1,6 @@
 """Data sets: planted facts (for attribution), a C-class text set (for fine-tuning), sklearn digits.
 
-Planted-facts corpus (ATTRIBUTION.md §4.4; Grosse et al. 2023, §5.3.4 for the word-order effect)
+Planted-facts corpus (Grosse et al. 2023, §5.3.4 for the word-order effect)
 ----------------------------------------------------------------------------------------------
 Fictional subjects ("zorvia") carry facts (subject, relation, answer), e.g. ("zorvia", "capital",
 "quellin"). Each of the `num_facts` planted facts is stated in exactly `docs_per_fact` training

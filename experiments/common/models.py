@@ -10,7 +10,7 @@ Every model is a linen module whose `__call__(batch)` takes the whole batch dict
   per_example_loss(params, batch) -> (B,)
      classification: ℓ_i = −log softmax(logits_i)[y_i]
      LM:             ℓ_i = Σ_{t≥1} loss_mask[i, t] · (−log softmax(logits[i, t−1])[tokens[i, t]])
-                     (a *sum* over tokens, as in Grosse et al. 2023 §2.3 / ATTRIBUTION.md §1.5)
+                     (a *sum* over tokens, as in Grosse et al. 2023 §2.3)
   loss_fn(params, batch) = mean_i ℓ_i   (a scalar; the shape sketching.gradients expects)
 Models run deterministically (no dropout), so losses, gradients and HVPs are functions of θ only.
 

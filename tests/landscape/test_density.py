@@ -1,4 +1,4 @@
-"""SLQ density and Hutchinson trace against exact spectra (LANDSCAPE.md §10, tests 12–18)."""
+"""SLQ density and Hutchinson trace against exact spectra (tests 12–18)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

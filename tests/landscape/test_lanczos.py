@@ -1,4 +1,4 @@
-"""Lanczos / Arnoldi / HVP operators against dense float64 references (LANDSCAPE.md §10, tests 1–11)."""
+"""Lanczos / Arnoldi / HVP operators against dense float64 references (tests 1–11)."""
 import flax.linen as nn
 import jax
 from jax.flatten_util import ravel_pytree
@@ -144,7 +144,7 @@ def test_orthogonality_three_term_relation_and_residual_certificate(x64):
 
 
 def test_without_reorthogonalisation_orthogonality_is_lost_and_ghosts_appear(x64):
-    """Documents LANDSCAPE §2.1: plain Lanczos loses orthogonality once the outliers converge."""
+    """Documents why re-orthogonalisation is needed: plain Lanczos loses orthogonality once the outliers converge."""
     rng = np.random.default_rng(1)
     size, steps = 2000, 100
     a = np.diag(planted_diagonal(rng, size, np.linspace(20, 200, 10)))
@@ -222,7 +222,7 @@ def test_network_hessian_top_and_bottom_eigenvalues(x64):
 
 
 def test_float32_matvec_with_float64_scalars(x64):
-    """LANDSCAPE test 11: float32 HVPs + float64 Krylov arithmetic vs all-float64 (observed ≈ 1e-7)."""
+    """float32 HVPs + float64 Krylov arithmetic vs all-float64 (observed ≈ 1e-7)."""
     rng = np.random.default_rng(8)
     a = random_symmetric(rng, 300, definite=False)
     full = landscape.lanczos(dense_operator(a), template_of(300), 80, jax.random.key(8))
@@ -240,7 +240,7 @@ def test_float32_matvec_with_float64_scalars(x64):
 @pytest.mark.parametrize("name", ["dense", "afjl", "qk"])
 def test_sketched_basis_top_eigenvalues(x64, name):
     """Lanczos on Φ A Φᵀ (basis in R^m): the top eigenvalues of a planted spectrum (delocalised
-    eigenvectors) within the shift |tr A − λ|/m plus three fluctuations 3‖A‖_F/√m of SPEC §3.5
+    eigenvectors) within the shift |tr A − λ|/m plus three fluctuations 3‖A‖_F/√m of the sketched operator's JL analysis
     (≈ 20% for λ = 200, 30% for λ = 120 at m = 1024, D = 4096; 10 outliers 20..200, bulk uniform on [0, 1]);
     the mean error of the top 5 stays below 10%."""
     rng = np.random.default_rng(9)

@@ -1,4 +1,4 @@
-"""The adversarial input suite of SPEC §9, unit-normalised, as float32 numpy vectors."""
+"""The adversarial input suite (Gaussian, spikes, constant, strided, low rank …), unit-normalised, as float32 numpy vectors."""
 import numpy as np
 
 
@@ -19,7 +19,7 @@ def adversarial_suite(d: int, m: int, seed: int = 0) -> dict[str, np.ndarray]:
     block[d // 2:d // 2 + 64] = -2.0
     xs["block"] = block
     strided = np.zeros(d)
-    strided[::m] = 1.0  # the indicator of {i ≡ 0 mod m} (SPEC §9, test T4)
+    strided[::m] = 1.0  # the indicator of {i ≡ 0 mod m} (test T4)
     xs["mod_m"] = strided
     half = np.zeros(d)
     half[: d // 2] = 1.0  # Walsh-aligned (Theorem 3.1's x* for D = 2n')

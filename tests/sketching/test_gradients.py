@@ -1,4 +1,4 @@
-"""Sketched gradients and HVPs against dense float64 references on a small MLP (SPEC T7, §1.4)."""
+"""Sketched gradients and HVPs against dense float64 references on a small MLP."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""The JL (sketching) property, SPEC §1.2 and tests T1–T5 of §9.
+"""The JL (sketching) property (the paper's eq. 1) on the adversarial input suite.
 
 Reference: a dense Gaussian sketch Φ = G/√m is rotation invariant, so for *every* unit x,
 ‖Φx‖² ~ χ²_m/m exactly; we compare quantiles of each sketch's distortion |‖Φx‖² − 1| on the
@@ -146,7 +146,7 @@ def test_inner_products_like_dense(name):
 # ------------------------------------------------------------------ Theorem 3.1 (FFD is not a sketch)
 
 def theorem_3_1_input(d):
-    """x* = 1_[0,M)/√M with M the largest power of two ≤ D (SPEC §3.1)."""
+    """x* = 1_[0,M)/√M with M the largest power of two ≤ D."""
     big_m = 1 << (d.bit_length() - 1)
     x = np.zeros(d, np.float32)
     x[:big_m] = 1 / np.sqrt(big_m)

@@ -1,4 +1,4 @@
-"""Compiled memory of `apply` at D = 2^22, m = 4096: a few D floats, never D×m (issue 3 §3)."""
+"""Compiled memory of `apply` at D = 2^22, m = 4096: a few D floats, never D×m."""
 import jax
 import jax.numpy as jnp
 import pytest

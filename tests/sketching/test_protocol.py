@@ -1,4 +1,4 @@
-"""The sketch protocol (DESIGN.md): adjoint, linearity, determinism, jit/vmap, dtypes, state size, errors."""
+"""The sketch protocol: adjoint, linearity, determinism, jit/vmap, dtypes, state size, errors."""
 import hashlib
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Building blocks against exact references (SPEC §7.2–7.3, tests T9, T10)."""
+"""Building blocks against exact references (tests T9, T10)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +27,7 @@ def test_dht_matches_definition_and_is_involutive(n, x64):
 
 
 def test_kron_apply_ordering(x64):
-    """T9: row-major (A ⊗ B ⊗ C) x with unequal shapes, n₁≠n₂, m₁≠m₂ (SPEC §2.9 items 1–2)."""
+    """T9: row-major (A ⊗ B ⊗ C) x with unequal shapes, n₁≠n₂, m₁≠m₂."""
     keys = jax.random.split(jax.random.key(2), 4)
     a = jax.random.normal(keys[0], (2, 5), jnp.float64)
     b = jax.random.normal(keys[1], (3, 4), jnp.float64)
