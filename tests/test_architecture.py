@@ -12,13 +12,14 @@ def test_the_rule_catches_an_experiment_importing_another():
     graph = {"experiments.demo": {"experiments.train_lm", "experiments.common.train"},
              "sketching.base": {"landscape.lanczos"},
              "experiments.common.plots": set(), "experiments.train_lm": set(), "landscape.lanczos": set(),
-             "experiments.influence_llm": {"configs.influence_llm", "configs.demo"}}
+             "experiments.influence_llm": {"configs.influence_llm", "configs.demo"},
+             "attribution.scorers": {"configs.tda_benchmark"}}
     problems = import_graph.violations(graph)
     assert any("experiments.demo imports the experiment experiments.train_lm" in p for p in problems)
     assert any("sketching.base (sketching) imports landscape.lanczos (landscape): an upward import" in p
                for p in problems)
-    assert any("configs.demo" in p for p in problems)          # another experiment's config
-    assert not any("configs.influence_llm" in p for p in problems)  # its own config is fine
+    assert any("attribution.scorers (attribution) imports the config configs.tda_benchmark" in p for p in problems)
+    assert not any("configs.demo" in p or "configs.influence_llm" in p for p in problems)  # configs are data
     assert len(problems) == 3
 
 
