@@ -1,5 +1,5 @@
-"""Experiment `intrinsic_dimension`: d90 by subspace training through each sketch (SPEC §4.3,
-LANDSCAPE.md §7; landscape/intrinsic_dimension.py), by three searches side by side.
+"""Experiment `intrinsic_dimension`: d90 by subspace training through each sketch
+(landscape/intrinsic_dimension.py), by three searches side by side.
 
 Tasks (config.tasks):
   planted      linear regression whose inputs lie in a random k-dimensional subspace of R^D, so the

@@ -1,4 +1,4 @@
-"""Intrinsic dimension by random-subspace training through any sketch (SPEC §4.3, LANDSCAPE.md §7).
+"""Intrinsic dimension by random-subspace training through any sketch (Li et al. 2018; Aghajanyan et al. 2021).
 
 Subspace training [Li et al. 2018; Aghajanyan et al. 2021]: only z ∈ R^d is trained, in
 
@@ -6,16 +6,16 @@ Subspace training [Li et al. 2018; Aghajanyan et al. 2021]: only z ∈ R^d is tr
 
 with Φ: R^D → R^d any sketch of `sketching/` (`transpose` gives Φᵀ). Φ is JL-normalised
 (E ΦᵀΦ = I_D, so ΦΦᵀ ≈ (D/d) I_d) and the factor √(d/D) makes each column of P a roughly unit-norm
-direction in parameter space, as the intrinsic-dimension papers normalise P (SPEC §4.3); the sketch
+direction in parameter space, as the intrinsic-dimension papers normalise P; the sketch
 state regenerates its O(D) tables from the key, so the extra memory is O(d + √D), never D × d.
 The gradient w.r.t. z is ∇_z L = √(d/D) · Φ ∇_θ L — autodiff through the sketch's transpose, whose
-FWHT / Kronecker blocks are plain matmuls, so the Aghajanyan-lineage 1/√L backward-scaling bug of
-LANDSCAPE §7.4 cannot occur (tests check the gradient against Φ∇θL and finite differences).
+FWHT / Kronecker blocks are plain matmuls, so the 1/√L backward-scaling bug of the
+Aghajanyan-lineage code cannot occur (tests check the gradient against Φ∇θL and finite differences).
 
 d90: the smallest d whose subspace-trained metric reaches 90% of the full-training metric. Two
 searches, both resumable from a JSON results file in which each trained (d, seed) is recorded once
 (`DimensionSearchLog`), over a caller-supplied `train_at(d, seed) -> metric`:
-  * `doubling_search` — the paper's procedure as SPEC §4.3 / LANDSCAPE §7.5 reconstruct it: d = d0,
+  * `doubling_search` — the multi-run procedure: d = d0,
     2 d0, 4 d0, … until the metric (median over seeds) reaches the target, which brackets d90 in
     [d/2, d]; then bisection in log2 space inside the bracket until d_hi / d_lo ≤ `ratio`.
   * `binary_search` — plain integer bisection on [lo, hi] (the metric assumed monotone in d).
@@ -492,7 +492,7 @@ def single_run_search(
     values and the newly unmasked ones start at 0; only masking is involved, so no nested sketch is
     needed. D* is within a factor 2 of the intrinsic dimension; `verification_run` trains at D*/2 to
     check it stays below τ90. The columns of √(D_max/D) Φᵀ have unit norm on average, so a
-    coordinate's scale does not depend on D_max (SPEC §4.3 normalisation).
+    coordinate's scale does not depend on D_max (the intrinsic-dimension papers' normalisation).
 
     `batch_at(step)` must be deterministic in the step. With `checkpoint_path` the state (z, optimiser
     state, d, τ_old, step, history) is written atomically to one .npz (no pickle) every

@@ -1,4 +1,4 @@
-"""Subspace training and the d90 searches (LANDSCAPE.md §10 tests 20–24; issue 6)."""
+"""Subspace training, the multi-run d90 searches and the paper's single-run search."""
 import json
 import math
 
@@ -27,7 +27,7 @@ def quadratic_problem(num_params=64, seed=0):
 
 @pytest.mark.parametrize("name", ["dense", "ffd", "affd", "afjl", "qk"])
 def test_gradient_wrt_z_is_the_sketched_gradient(x64, name):
-    """∇_z L(θ0 + √(d/D) Φᵀz) = √(d/D) Φ ∇_θ L: no FWHT scaling bug (LANDSCAPE §7.4)."""
+    """∇_z L(θ0 + √(d/D) Φᵀz) = √(d/D) Φ ∇_θ L: no FWHT backward-scaling bug."""
     loss_fn, theta0, batch = quadratic_problem()
     subspace = idim.make_subspace(name, 16, theta0, jax.random.key(3))
     z = jax.random.normal(jax.random.key(4), (16,), jnp.float64) * 0.1
@@ -48,7 +48,7 @@ def test_zero_offset_is_the_initial_model_and_columns_have_unit_norm(x64):
     same = subspace.params(subspace.zeros())
     for a, b in zip(jax.tree_util.tree_leaves(same), jax.tree_util.tree_leaves(theta0)):
         np.testing.assert_array_equal(a, b)
-    # P = √(d/D)Φᵀ: columns P e_j have norm ≈ 1 on average (LANDSCAPE test 21).
+    # P = √(d/D)Φᵀ: columns P e_j have norm ≈ 1 on average .
     columns = [jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(
         jax.tree_util.tree_map(jnp.subtract, subspace.params(jnp.eye(16)[j]), theta0))]) for j in range(16)]
     norms = np.array([float(jnp.linalg.norm(c)) for c in columns])
