@@ -197,11 +197,8 @@ def _dense_paths(params, prefix=""):
 
 def _facts_task(config, wd: Workdir) -> Task:
     cfg = config.facts
-    with cfg.unlocked():
-        cfg.quiet = config.get("quiet", False)
-    s = planted_lm.setup(cfg)
     folder = Workdir(wd.file("facts_lm/model"))
-    result = planted_lm.train_model(cfg, folder, s)
+    s, result = planted_lm.setup_and_train(cfg, folder, quiet=config.get("quiet", False))
     opt_state = train_lib.optimizer_from_config(cfg.train).init(s.params)
     checkpoints, previous = [], 0
     for step, path in train_lib.list_checkpoints(folder.file("checkpoints")):

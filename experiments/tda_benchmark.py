@@ -217,11 +217,8 @@ def _digits_task(config, name: str) -> Task:
 def _facts_task(config, wd: Workdir) -> Task:
     """The tiny LM on planted facts (trained or resumed in the workdir; TracIn on its kept checkpoints)."""
     cfg = config.facts
-    with cfg.unlocked():
-        cfg.quiet = config.get("quiet", False)
-    s = planted_lm.setup(cfg)
     folder = Workdir(wd.file("facts_lm/model"))
-    result = planted_lm.train_model(cfg, folder, s)
+    s, result = planted_lm.setup_and_train(cfg, folder, quiet=config.get("quiet", False))
     loss_fns = models_lib.make_loss_fns(s.model)
     per_example_loss = loss_fns.per_example_loss
     opt_state = train_lib.optimizer_from_config(cfg.train).init(s.params)  # the checkpoints' template

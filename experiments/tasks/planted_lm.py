@@ -123,6 +123,15 @@ def train_model(config, workdir: Workdir, s: Setup) -> train_lib.TrainResult:
     )
 
 
+def setup_and_train(config, folder: Workdir, *, quiet: bool = False) -> tuple[Setup, train_lib.TrainResult]:
+    """The task of `config` built and trained (or resumed) with its checkpoints in `folder`; `quiet`
+    silences the progress bar (the experiment's own --quiet)."""
+    with config.unlocked():
+        config.quiet = bool(quiet)
+    s = setup(config)
+    return s, train_model(config, folder, s)
+
+
 def train_on_subset(config, s: Setup, indices: np.ndarray) -> Any:
     """Parameters after training from `s.params` on the documents `indices` only (in memory, quiet):
     the same optimiser and number of steps, batches drawn from the subset (batch size capped at its
