@@ -13,7 +13,8 @@ For each study (a classifier config: data, model, train) and each checkpoint ste
 At the first and last checkpoint: SLQ density (Rademacher probes) and Hutchinson trace.
 Class sweep: the model retrained for each C in `class_counts` → outlier count vs C.
 Memory benchmark (`memory.enabled`): k Lanczos steps on a transformer LM with and without the
-sketched basis → Krylov-basis bytes (ratio D/m by construction), measured peak RSS and wall time.
+sketched basis → Krylov-basis bytes (ratio D/m by construction), measured peak RSS and wall time
+(memory.md, memory.png, one metrics.jsonl record).
 
 Outputs: metrics.jsonl (one record per study/checkpoint), spectrum_<study>.png, outliers_vs_classes.png,
 density_<study>.png, and summary.json with flat keys `<study>/step<s>/<metric>` and `<study>/...`.
@@ -34,9 +35,10 @@ from experiments.common import data as data_lib
 from experiments.tasks import classifier
 from experiments.common import models as models_lib
 from experiments.common import train as train_lib
+from experiments.common import plots
 from experiments.common.plots import Panel, save_panel_grid
 from experiments.common.timing import PeakRSS
-from experiments.common.workdir import Workdir, atomic_write_npz
+from experiments.common.workdir import Workdir, atomic_write_npz, atomic_write_text
 
 _SPECTRUM_FIELDS = {"num_examples", "batch_size", "num_iters", "float64", "sketch", "sketch_m", "sketched_iters",
                     "num_ratios", "alignment_k", "slq_probes", "slq_iters", "slq_sigma_squared", "hutchinson_probes",
@@ -445,5 +447,34 @@ def run(config, workdir: Workdir) -> dict:
         summary.update(study_summary)
     _plot_outliers(summary, config, workdir)
     if config.memory.enabled:
-        summary.update(_run_memory(config))
+        memory = _run_memory(config)
+        summary.update(memory)
+        workdir.log(0, **{k: v for k, v in memory.items() if not isinstance(v, list)})
+        _memory_report(memory, config, workdir)
     return summary
+
+
+def _memory_report(memory: dict, config, workdir: Workdir) -> None:
+    """memory.md (full vs sketched Krylov basis: steps, time, peak memory, accuracy) and memory.png."""
+    labels = [label for label in ("full", "sketched") if f"memory/{label}/seconds" in memory]
+    rows = ["| basis | Krylov steps | seconds | basis (MB) | peak RSS rise (MB) | λ_max |", "|---|---|---|---|---|---|"]
+    for label in labels:
+        get = lambda field: memory[f"memory/{label}/{field}"]  # noqa: E731
+        rows.append(f"| {label} | {get('num_iters')} | {get('seconds'):.1f} | {get('basis_bytes') / 2**20:.3g} | "
+                    f"{get('peak_rss_delta_bytes') / 2**20:.1f} | {get('lambda_max'):.4g} |")
+    lines = ["# Lanczos memory: full vs sketched Krylov basis", "",
+             f"Transformer LM with D = {memory['memory/num_params']:,} parameters; sketched basis in R^m with "
+             f"m = {config.memory.sketch_m} ({config.memory.sketch}), D/m = {memory['memory/D_over_m']:.0f}.", ""] + rows
+    if "memory/peak_ratio_full_over_sketched" in memory:
+        lines += ["", f"Basis bytes per step, full / sketched: {memory['memory/basis_ratio_full_over_sketched_per_step']:.0f}× "
+                  f"(= D/m by construction); peak RSS rise, full / sketched: {memory['memory/peak_ratio_full_over_sketched']:.1f}×; "
+                  f"time per step, full / sketched: {memory['memory/time_per_step_ratio_full_over_sketched']:.2f}×."]
+    atomic_write_text(workdir.file("memory.md"), "\n".join(lines) + "\n")
+    fig, axes = plots.figure(1, 2, size=(10, 3.6))
+    for ax, (field, title) in zip(axes[0], (("basis_bytes", "Krylov basis"), ("peak_rss_delta_bytes", "peak RSS rise"))):
+        values = [memory[f"memory/{label}/{field}"] / 2**20 for label in labels]
+        bars = ax.bar(labels, values, color=["C0", "C1"][: len(labels)])
+        ax.bar_label(bars, labels=[f"{v:.1f} MB" if v >= 0.1 else f"{v * 1024:.0f} KB" for v in values])
+        ax.set_ylabel("MB")
+        ax.set_title(title)
+    plots.save(fig, workdir.file("memory.png"))

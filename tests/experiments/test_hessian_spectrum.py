@@ -1,4 +1,5 @@
 """Smoke and property tests of experiments/hessian_spectrum.py through the runner (reduced quick preset)."""
+import json
 import os
 
 import pytest
@@ -49,6 +50,10 @@ def test_memory_benchmark_small(tmp_path):
     summary = run_experiment(config, str(tmp_path), quiet=True)
     assert summary["memory/basis_ratio_full_over_sketched_per_step"] == pytest.approx(summary["memory/D_over_m"])
     assert summary["memory/full/peak_rss_delta_bytes"] >= 0
+    # the memory benchmark writes what the docstring promises: a metrics record, a report and a figure
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("memory/D_over_m" in r for r in records)
+    assert "| sketched |" in (tmp_path / "memory.md").read_text() and (tmp_path / "memory.png").exists()
 
 
 def test_k1000_preset_shrunk(tmp_path):
