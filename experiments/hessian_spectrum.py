@@ -378,7 +378,7 @@ def _run_memory(config) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def _plot_study(name: str, records: list[dict], densities: dict, spectrum, workdir: Workdir) -> None:
-    steps = [max(r["checkpoint"], 1) for r in records]  # log2 x axis: step 0 is drawn at 1
+    steps = [r["checkpoint"] for r in records]  # symmetric-log step axis: step 0 is drawn at 0
     k_key = next(key for key in records[0] if key.startswith("alignment_top"))
     has_sketch = any(key.startswith("sketched/") for key in records[0])
 
@@ -393,14 +393,15 @@ def _plot_study(name: str, records: list[dict], densities: dict, spectrum, workd
     ratio_series = {f"step {r['checkpoint']}": (list(range(2, spectrum.num_ratios + 1)),
                                                 [r.get(f"R{n}", np.nan) for n in range(2, spectrum.num_ratios + 1)])
                     for r in records}
-    row1 = [Panel("RNEG = |λ⁻| / λ⁺₁", "training step", "RNEG", series("rneg")),
-            Panel("λ_max", "training step", "λ_max", series("lambda_max")),
+    row1 = [Panel("RNEG = |λ⁻| / λ⁺₁", "training step", "RNEG", series("rneg"), step_axis=True),
+            Panel("λ_max", "training step", "λ_max", series("lambda_max"), step_axis=True),
             Panel(f"gradient alignment with top-{k_key[len('alignment_top'):]}", "training step",
-                  "‖P_k g‖² / ‖g‖²", alignment)]
-    row2 = [Panel("R(n) = λ⁺ₙ / λ⁺₁", "n", "R(n)", ratio_series, logx=False),
-            Panel("outliers (R > 20%)", "training step", "count", series("outliers"), logy=False),
+                  "‖P_k g‖² / ‖g‖²", alignment, step_axis=True)]
+    row2 = [Panel("R(n) = λ⁺ₙ / λ⁺₁ (one curve per step)", "n", "R(n)", ratio_series, logx=False, own_legend=True),
+            Panel("outliers (R > 20%)", "training step", "count", series("outliers"), logy=False, step_axis=True,
+                  integer_y=True),
             Panel("test accuracy", "training step", "accuracy",
-                  {"model": (steps, [r["test_accuracy"] for r in records])}, logy=False)]
+                  {"model": (steps, [r["test_accuracy"] for r in records])}, logy=False, step_axis=True)]
     save_panel_grid(workdir.file(f"spectrum_{name}.png"), [row1, row2], suptitle=f"Hessian spectrum over training: {name}")
     density_series = {}
     for step, density in densities.items():
@@ -436,7 +437,7 @@ def _plot_outliers(summary: dict, config, workdir: Workdir) -> None:
         series["C (conjecture)"] = (sorted({c for name in config.studies for c in config[name].class_counts}),) * 2
         save_panel_grid(workdir.file("outliers_vs_classes.png"),
                         [[Panel("outlier count vs number of classes", "classes C", "outliers", series,
-                                logx=False, logy=False)]], panel_size=(7.0, 4.5))
+                                logx=False, logy=False, integer_y=True)]], panel_size=(7.0, 4.5))
 
 
 def run(config, workdir: Workdir) -> dict:

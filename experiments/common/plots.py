@@ -89,7 +89,10 @@ class Panel:
     dropped on log axes (matplotlib would otherwise silently mask them), so pass only measured data.
 
     `xscale_base` is the log base of the x axis (2 suits sizes such as D or m), `logy` uses a base-10
-    log y axis; with `logx=False` / `logy=False` the axis is linear.
+    log y axis; with `logx=False` / `logy=False` the axis is linear. `step_axis=True` makes the x axis
+    symmetric-log (linear below 1, log above), so training step 0 sits at 0 rather than being
+    faked as step 1. `own_legend=True` gives the panel its own legend with sequential colours (for
+    series such as one curve per checkpoint) instead of entries in the figure's shared legend.
     """
 
     title: str
@@ -99,6 +102,9 @@ class Panel:
     logx: bool = True
     logy: bool = True
     xscale_base: int = 2
+    step_axis: bool = False
+    own_legend: bool = False
+    integer_y: bool = False   # a count: integer tick labels only
 
 
 def _points(panel: Panel, xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -107,7 +113,8 @@ def _points(panel: Panel, xs: Sequence[float], ys: Sequence[float]) -> tuple[lis
     kept = [
         (float(x), float(y)) for x, y in zip(xs, ys)
         if math.isfinite(float(x)) and math.isfinite(float(y))
-        and (not panel.logx or float(x) > 0) and (not panel.logy or float(y) > 0)
+        and (not panel.logx or panel.step_axis or float(x) > 0) and (not panel.logy or float(y) > 0)
+        and (not panel.step_axis or float(x) >= 0)
     ]
     return [x for x, _ in kept], [y for _, y in kept]
 
@@ -127,7 +134,8 @@ def save_panel_grid(
     labels: list[str] = []
     for row in rows:
         for panel in row:
-            labels.extend(label for label in panel.series if label not in labels)
+            if not panel.own_legend:
+                labels.extend(label for label in panel.series if label not in labels)
     colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     markers = {label: MARKERS[i % len(MARKERS)] for i, label in enumerate(labels)}
     # Coinciding series stay distinguishable: each label also gets its own dash pattern.
@@ -141,16 +149,31 @@ def save_panel_grid(
     for i, row in enumerate(rows):
         for j, panel in enumerate(row):
             ax = axes[i][j]
+            own = list(panel.series) if panel.own_legend else []
+            cmap = matplotlib.colormaps["viridis"]
             for label, (xs, ys) in panel.series.items():
                 px, py = _points(panel, xs, ys)
-                if px:
+                if not px:
+                    continue
+                if panel.own_legend:
+                    k = own.index(label)
+                    ax.plot(px, py, marker=MARKERS[k % len(MARKERS)], color=cmap(k / max(len(own) - 1, 1) * 0.9),
+                            label=label, linewidth=1.5, markersize=4, alpha=0.9)
+                else:
                     (line,) = ax.plot(px, py, marker=markers[label], color=colors[label], label=label,
                                       linestyle=styles[label], linewidth=1.5, markersize=5, alpha=0.85)
                     handles.setdefault(label, line)
-            if panel.logx:
+            if panel.own_legend and own:
+                ax.legend(fontsize=8, ncol=2 if len(own) > 5 else 1, loc="best")
+            if panel.step_axis:
+                ax.set_xscale("symlog", base=panel.xscale_base, linthresh=1, linscale=0.5)
+                ax.set_xlim(left=-0.2)
+            elif panel.logx:
                 ax.set_xscale("log", base=panel.xscale_base)
             if panel.logy:
                 ax.set_yscale("log")
+            if panel.integer_y:
+                integer_ticks(ax, "y")
             ax.set_title(panel.title)
             ax.set_xlabel(panel.xlabel)
             ax.set_ylabel(panel.ylabel)
