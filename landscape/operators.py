@@ -141,20 +141,37 @@ def sharded_hvp_fn(
         if head < n:
             part = jax.tree_util.tree_map(lambda a: a[head:], batch)
             pieces.append((fraction * (n - head) / n, sharded.replicate(part, mesh)))
-    batch_hvp = jax.jit(lambda p, batch, v: hvp(loss_fn, p, batch, v), out_shardings=param_shardings)
+    weights = tuple(w for w, _ in pieces)
 
-    def place(v, p):
-        if isinstance(v, jax.core.Tracer):  # inside a compiled Krylov loop: a sharding constraint
-            return jax.lax.with_sharding_constraint(v.astype(p.dtype), p.sharding)
-        if getattr(v, "sharding", None) == p.sharding and v.dtype == p.dtype:
-            return v
-        return sharded.put(jnp.asarray(v, p.dtype), p.sharding)
+    def pure(args, vector):
+        p, placed = args
+        constrain = functools.partial(jax.tree_util.tree_map, lambda v, q, s: jax.lax.with_sharding_constraint(
+            v.astype(q.dtype), s))
+        vector = constrain(vector, p, param_shardings)
+        return constrain(_weighted_sum(weights, (hvp(loss_fn, p, b, vector) for b in placed)), p, param_shardings)
 
-    def matvec(vector: PyTree) -> PyTree:
-        vector = jax.tree_util.tree_map(place, vector, params)
-        return _weighted_sum([w for w, _ in pieces], (batch_hvp(params, b, vector) for _, b in pieces))
+    return _ShardedOperator(pure, (params, [b for _, b in pieces]), param_shardings)
 
-    return matvec
+
+class _ShardedOperator(LinearOperator):
+    """A `LinearOperator` whose arrays live on a mesh (possibly spanning several processes): called
+    directly, it first places the vector like the parameters; inside a compiled Krylov loop the
+    placement is a sharding constraint of `pure_fn`, and the global arrays are loop arguments (a
+    multi-process program may not close over arrays on other processes' devices)."""
+
+    def __init__(self, pure_fn, args, shardings):
+        super().__init__(pure_fn, args)
+        self.shardings = shardings
+
+    def __call__(self, vector: PyTree) -> PyTree:
+        from sketching import sharded
+
+        def place(v, p, s):
+            if getattr(v, "sharding", None) == s and v.dtype == p.dtype:
+                return v
+            return sharded.put(jnp.asarray(v, p.dtype), s)
+
+        return super().__call__(jax.tree_util.tree_map(place, vector, self.args[0], self.shardings))
 
 
 def mean_gradient(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches: Sequence[Any]) -> PyTree:
