@@ -180,12 +180,17 @@ def save_panel_grid(
             ax.grid(True, which="major", alpha=0.3)
     if handles:
         ordered = [label for label in labels if label in handles]
-        fig.legend([handles[label] for label in ordered], ordered, loc="lower center",
-                   ncol=min(len(ordered), 8), frameon=False)
+        width = fig.get_size_inches()[0]
+        longest = max(len(label) for label in ordered)
+        ncol = max(1, min(len(ordered), int(width / (0.55 + 0.085 * longest))))  # the legend fits the figure width
+        legend_rows = math.ceil(len(ordered) / ncol)
+        fig.legend([handles[label] for label in ordered], ordered, loc="lower center", ncol=ncol, frameon=False)
     if suptitle:
         fig.suptitle(suptitle, fontsize=11)
     with matplotlib.rc_context(STYLE):
-        fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
+        height = fig.get_size_inches()[1]
+        bottom = min(0.45, (0.12 + 0.26 * legend_rows) / height) if handles else 0
+        fig.tight_layout(rect=(0, bottom, 1, 1))
         _atomic_savefig(fig, path)
     return path
 
