@@ -31,6 +31,7 @@ import numpy as np
 import landscape
 import sketching
 from landscape.lanczos import direct_residuals, warm_up
+from experiments.common import config_checks as checks
 from experiments.common import data as data_lib
 from experiments.tasks import classifier
 from experiments.common import models as models_lib
@@ -45,11 +46,6 @@ _SPECTRUM_FIELDS = {"num_examples", "batch_size", "num_iters", "float64", "sketc
                     "accuracy_sketches", "accuracy_ms"}
 ACCURACY_THRESHOLDS = (0.2, 0.1, 0.05)
 _STUDY_EXTRA_FIELDS = {"checkpoints", "class_counts", "spectrum"}
-
-
-def _positive_int(where: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where} must be a positive int, got {value!r}")
 
 
 def validate_config(config) -> None:
@@ -78,8 +74,8 @@ def validate_config(config) -> None:
     _validate_spectrum(config.spectrum, "config.spectrum")
     if config.memory.enabled:
         m = config.memory
-        _positive_int("config.memory.num_iters", m.num_iters)
-        _positive_int("config.memory.sketch_m", m.sketch_m)
+        checks.integer("config.memory.num_iters", m.num_iters)
+        checks.integer("config.memory.sketch_m", m.sketch_m)
         if isinstance(m.full_num_iters, bool) or not isinstance(m.full_num_iters, int) or m.full_num_iters < 0:
             raise ValueError(f"config.memory.full_num_iters must be an int >= 0 (0: no full-basis run), got {m.full_num_iters!r}")
         if m.num_iters > m.sketch_m:
@@ -99,7 +95,7 @@ def study_spectrum(config, name: str):
 def _validate_spectrum(s, where: str) -> None:
     for field in ("num_examples", "batch_size", "num_iters", "sketch_m", "sketched_iters", "num_ratios",
                   "slq_probes", "slq_iters", "hutchinson_probes"):
-        _positive_int(f"{where}.{field}", s[field])
+        checks.integer(f"{where}.{field}", s[field])
     if s.sketch != "none" and s.sketch not in sketching.NAMES:
         raise ValueError(f"{where}.sketch={s.sketch!r}; allowed values: {list(sketching.NAMES) + ['none']}")
     if isinstance(s.alignment_k, bool) or not isinstance(s.alignment_k, int) or s.alignment_k < 0:
@@ -108,7 +104,7 @@ def _validate_spectrum(s, where: str) -> None:
         if name not in sketching.NAMES:
             raise ValueError(f"{where}.accuracy_sketches has {name!r}; allowed values: {list(sketching.NAMES)}")
     for m in s.accuracy_ms:
-        _positive_int(f"{where}.accuracy_ms entries", m)
+        checks.integer(f"{where}.accuracy_ms entries", m)
 
 
 # ----------------------------------------------------------------------------------------------

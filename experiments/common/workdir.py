@@ -14,27 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import artifacts
-from artifacts import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported for experiments)
+from artifacts import atomic_write_bytes, atomic_write_npz, atomic_write_text, to_jsonable  # noqa: F401  (re-exported)
 
 __all__ = ["to_jsonable", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_npz",
            "Workdir", "METRICS", "NONFINITE_KEY"]
 
 METRICS = "metrics.jsonl"
 NONFINITE_KEY = artifacts.NONFINITE_KEY
-
-
-def to_jsonable(value: Any) -> Any:
-    """Converts numpy / jax scalars and arrays (and nested containers) into plain JSON types; NaN and
-    ±inf become None (`artifacts.to_jsonable`)."""
-    return artifacts.to_jsonable(value)
-
-
-def atomic_write_npz(path: str, arrays: Mapping[str, Any]) -> None:
-    """np.savez of `arrays` (name -> array), written atomically (never a half-written store; no pickle)."""
-    artifacts.atomic_write_npz(path, arrays)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
