@@ -6,7 +6,8 @@ weight `W̃ = [W; b]` (shape (in+1, out), Flax layout) its per-example gradient 
     DW̃ = Σ_t x̃_t δ_tᵀ = X̃ᵀ Δ        X̃: (T, in+1) layer inputs, Δ: (T, out) output gradients
 
 [Grosse et al. 2023 ("G23"), eq. 12, 26]. Inputs and output gradients are captured with one clean
-mechanism: `flax.linen.intercept_methods` wraps every selected `nn.Dense.__call__`, records its input
+mechanism: `flax.linen.intercept_methods` wraps every selected linear layer's `__call__` (`nn.Dense`, and
+transformers' `FlaxConv1D` of the GPT-2 family, whose kernel is stored transposed), records its input
 and adds a zero-valued perturbation `ε` to its output; the gradient of the loss w.r.t. `ε` is `Δ`.
 The model code is not modified and no layer gradient is ever materialised during factor fitting.
 
@@ -82,30 +83,47 @@ ApplyFn = Callable[[PyTree, dict], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
-    """A selected Dense layer: its module path ('block_0/mlp_in'), sizes and whether it has a bias."""
+    """A selected linear layer: its module path ('block_0/mlp_in'), sizes, whether it has a bias, and
+    whether its kernel is stored transposed, (out, in) (transformers' GPT-2 `FlaxConv1D`)."""
 
     path: str
     in_dim: int
     out_dim: int
     use_bias: bool
+    transposed: bool = False
 
     @property
     def rows(self) -> int:
         return self.in_dim + int(self.use_bias)
 
 
+def _linear_kind(mod) -> str | None:
+    """"dense" for `nn.Dense`, "conv1d" for transformers' `FlaxConv1D` (y = x Wᵀ + b, kernel (out, in);
+    recognised by name so that this module does not import transformers), else None."""
+    if isinstance(mod, nn.Dense):
+        return "dense"
+    if type(mod).__name__ == "FlaxConv1D" and hasattr(mod, "features"):
+        return "conv1d"
+    return None
+
+
+def _is_linear_call(context) -> bool:
+    return context.method_name == "__call__" and _linear_kind(context.module) is not None
+
+
 def _compile_patterns(layers) -> list[re.Pattern]:
     if isinstance(layers, str):
         layers = (layers,)
     if not layers:
-        raise ValueError("layers must be a non-empty sequence of regular expressions over Dense module paths")
+        raise ValueError("layers must be a non-empty sequence of regular expressions over linear-layer module paths")
     return [re.compile(p) for p in layers]
 
 
 def find_layers(apply_fn: ApplyFn, params: PyTree, batch: dict, layers=DEFAULT_LAYERS) -> dict[str, LayerInfo]:
-    """The `nn.Dense` layers whose '/'-joined module path fully matches one of the regexes `layers`.
-    Runs the model abstractly (`jax.eval_shape`); raises ValueError listing all Dense paths when none
-    matches, and when a selected layer is called more than once (weight sharing is not supported)."""
+    """The linear layers (`nn.Dense`, transformers' `FlaxConv1D`) whose '/'-joined module path fully
+    matches one of the regexes `layers`. Runs the model abstractly (`jax.eval_shape`); raises ValueError
+    listing all linear-layer paths when none matches, and when a selected layer is called more than
+    once (weight sharing is not supported)."""
     patterns = _compile_patterns(layers)
     found: dict[str, LayerInfo] = {}
     all_dense: list[str] = []
@@ -113,20 +131,21 @@ def find_layers(apply_fn: ApplyFn, params: PyTree, batch: dict, layers=DEFAULT_L
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, nn.Dense):
+        if _is_linear_call(context):
             path = "/".join(mod.path)
             all_dense.append(path)
             if any(p.fullmatch(path) for p in patterns):
                 calls[path] = calls.get(path, 0) + 1
-                found[path] = LayerInfo(path, int(args[0].shape[-1]), int(mod.features), bool(mod.use_bias))
+                found[path] = LayerInfo(path, int(args[0].shape[-1]), int(mod.features), bool(mod.use_bias),
+                                        transposed=_linear_kind(mod) == "conv1d")
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
         # A fresh lambda: jax.eval_shape caches traces per function, which would skip the interceptor.
         jax.eval_shape(lambda p, b: apply_fn(p, b), params, batch)
     if not found:
-        raise ValueError(f"layers={list(layers) if not isinstance(layers, str) else layers!r} match no nn.Dense; "
-                         f"Dense module paths are {sorted(set(all_dense))}")
+        raise ValueError(f"layers={list(layers) if not isinstance(layers, str) else layers!r} match no linear layer; "
+                         f"linear-layer module paths are {sorted(set(all_dense))}")
     shared = [p for p, c in calls.items() if c > 1]
     if shared:
         raise ValueError(f"layers {shared} are called more than once per forward pass; EK-FAC needs one call per layer")
@@ -135,12 +154,12 @@ def find_layers(apply_fn: ApplyFn, params: PyTree, batch: dict, layers=DEFAULT_L
 
 def capture(apply_fn: ApplyFn, params: PyTree, batch: dict, perturbations: Mapping[str, jax.Array]):
     """`(outputs, inputs)`: the model outputs with `perturbations[path]` added to the output of each
-    selected Dense layer, and the inputs `x` of those layers (dict path -> array (..., in))."""
+    selected linear layer, and the inputs `x` of those layers (dict path -> array (..., in))."""
     inputs: dict[str, jax.Array] = {}
 
     def interceptor(next_fun, args, kwargs, context):
         mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, nn.Dense):
+        if _is_linear_call(context):
             path = "/".join(mod.path)
             if path in perturbations:
                 inputs[path] = args[0]
@@ -193,7 +212,7 @@ def layer_activations(apply_fn: ApplyFn, params: PyTree, batch: dict, layers: Ma
     def record(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, nn.Dense) and "/".join(mod.path) in layers:
+        if _is_linear_call(context) and "/".join(mod.path) in layers:
             shapes["/".join(mod.path)] = jax.ShapeDtypeStruct(out.shape, out.dtype)
         return out
 
@@ -231,11 +250,13 @@ def _subtree(tree, path: str):
 
 
 def params_to_layer_grads(tree: PyTree, layers: Mapping[str, LayerInfo]) -> dict[str, jax.Array]:
-    """A params-shaped PyTree (e.g. `jax.grad` output) -> dict path -> W̃ = [kernel; bias] (in+1, out)."""
+    """A params-shaped PyTree (e.g. `jax.grad` output) -> dict path -> W̃ = [kernel; bias] (in+1, out)
+    (a transposed kernel, (out, in), is transposed back)."""
     out = {}
     for path, info in layers.items():
         node = _subtree(tree, path)
-        out[path] = jnp.concatenate([node["kernel"], node["bias"][None]], 0) if info.use_bias else node["kernel"]
+        kernel = node["kernel"].T if info.transposed else node["kernel"]
+        out[path] = jnp.concatenate([kernel, node["bias"][None]], 0) if info.use_bias else kernel
     return out
 
 
@@ -244,7 +265,8 @@ def layer_grads_to_params(mats: Mapping[str, jax.Array], layers: Mapping[str, La
     out = {}
     for path, info in layers.items():
         m = mats[path]
-        out[path] = {"kernel": m[: info.in_dim], **({"bias": m[info.in_dim]} if info.use_bias else {})}
+        kernel = m[: info.in_dim].T if info.transposed else m[: info.in_dim]
+        out[path] = {"kernel": kernel, **({"bias": m[info.in_dim]} if info.use_bias else {})}
     return out
 
 

@@ -222,6 +222,23 @@ class CausalLMWrapper(nn.Module):
         return out[0]
 
 
+class SequenceClassifierWrapper(nn.Module):
+    """A transformers Flax sequence classifier (BERT / RoBERTa ... with its trained head) taking our batch."""
+
+    classifier: nn.Module
+    model_type: str
+    pad_token_id: int
+
+    def __call__(self, batch):
+        mask = batch["mask"].astype(jnp.int32)
+        out = self.classifier(
+            input_ids=batch["tokens"], attention_mask=mask, token_type_ids=jnp.zeros_like(mask),
+            position_ids=_position_ids(mask, self.model_type, self.pad_token_id), head_mask=None,
+            deterministic=True,
+        )
+        return out[0]
+
+
 @dataclasses.dataclass(frozen=True)
 class Model:
     """A linen module with its task; `apply(params, batch) -> logits`."""

@@ -103,11 +103,7 @@ def make_optimizer(name: str, learning_rate: float, num_steps: int, schedule: st
         raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
     if not 0 <= warmup_steps < max(num_steps, 1):
         raise ValueError(f"warmup_steps must be in [0, num_steps={num_steps}), got {warmup_steps!r}")
-    if schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(
-            0.0, learning_rate, warmup_steps, max(num_steps, 1), end_value=0.1 * learning_rate)
-    else:
-        lr = learning_rate
+    lr = learning_rate_schedule(learning_rate, num_steps, schedule, warmup_steps)
     if name == "adam":
         opt = optax.adam(lr)
     elif name == "adamw":
@@ -115,6 +111,22 @@ def make_optimizer(name: str, learning_rate: float, num_steps: int, schedule: st
     else:
         opt = optax.sgd(lr, momentum=momentum or None)
     return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
+
+
+def learning_rate_schedule(learning_rate: float, num_steps: int, schedule: str = "constant",
+                           warmup_steps: int = 0) -> Callable[[int], float] | float:
+    """The learning rate of `make_optimizer`: a constant, or (cosine) step -> rate."""
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(num_steps, 1), end_value=0.1 * learning_rate)
+    return learning_rate
+
+
+def learning_rate_at(train_section, step: int) -> float:
+    """The learning rate a config's `train` section uses at `step` (TracIn weights checkpoints by it)."""
+    t = train_section
+    lr = learning_rate_schedule(t.learning_rate, t.num_steps, t.schedule, t.warmup_steps)
+    return float(lr(step)) if callable(lr) else float(lr)
 
 
 def adam_second_moment(opt_state: PyTree) -> PyTree:

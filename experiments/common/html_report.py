@@ -1,0 +1,109 @@
+"""A self-contained HTML page of attribution results: per query its top training sequences, each token
+coloured by its contribution to the score (Grosse et al. 2023, Figs. 1 and 13: red raises the query's
+log-likelihood... here: red = positive contribution, blue = negative, opacity ∝ |contribution| / max
+over the sequence), the heavy-tail curve, and the run's settings. No script, no external file: the
+figure is an inline SVG, so the page opens anywhere (and renders the same in a headless browser).
+"""
+from __future__ import annotations
+
+import html
+import io
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["token_spans", "render"]
+
+_STYLE = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 70em;
+       color: #222; line-height: 1.45; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+td, th { border: 1px solid #ddd; padding: 0.25em 0.6em; vertical-align: top; text-align: left; }
+th { background: #f4f4f4; }
+td.num, td.id { white-space: nowrap; } td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.seq { font-family: Menlo, Consolas, monospace; font-size: 0.9em; white-space: pre-wrap; }
+.tok { border-radius: 2px; }
+.prompt { color: #555; } .completion { font-weight: bold; background: #fff2b3; }
+.legend span { padding: 0 0.4em; }
+.settings td:first-child { font-family: monospace; }
+"""
+
+
+def _colour(value: float, scale: float) -> str:
+    alpha = 0.0 if scale <= 0 else min(1.0, abs(value) / scale) * 0.85
+    rgb = "220,40,40" if value > 0 else "40,90,220"
+    return f"rgba({rgb},{alpha:.3f})"
+
+
+def token_spans(pieces: Sequence[str], contributions: Sequence[float] | None) -> str:
+    """HTML of a sequence, one <span> per token with its contribution as colour and tooltip."""
+    if contributions is None:
+        return html.escape("".join(pieces))
+    values = np.asarray(contributions, np.float64)
+    scale = float(np.max(np.abs(values))) if values.size else 0.0
+    out = []
+    for piece, value in zip(pieces, values):
+        if not piece:
+            continue
+        out.append(f'<span class="tok" style="background:{_colour(value, scale)}" '
+                   f'title="{value:+.4g}">{html.escape(piece)}</span>')
+    return "".join(out)
+
+
+def _svg_heavy_tail(scores: np.ndarray) -> str:
+    """Inline SVG: mean over queries of the sorted |score| vs rank, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [np.sort(np.abs(s[np.isfinite(s)]))[::-1] for s in scores]
+    finite = [s for s in finite if s.size]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    if finite:
+        n = min(len(s) for s in finite)
+        curve = np.mean([s[:n] for s in finite], axis=0)
+        positive = curve > 0
+        ranks = np.arange(1, n + 1)
+        ax.loglog(ranks[positive], curve[positive], color="#333")
+        for s in finite[:20]:
+            keep = s > 0
+            ax.loglog(np.arange(1, len(s) + 1)[keep], s[keep], color="#d62728", alpha=0.15, linewidth=0.8)
+    ax.set_xlabel("rank of training sequence")
+    ax.set_ylabel("|score|")
+    ax.set_title("heavy tail: mean over queries (black), first 20 queries (red)", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]
+
+
+def render(*, title: str, settings: dict, queries: list[dict], scores: np.ndarray, notes: Sequence[str] = ()) -> str:
+    """The page. `queries`: per query {"id", "prompt_html", "hits": [{"rank", "id", "score", "html"}]}.
+    `scores`: (Q, N) (NaN where a pair was not scored), for the heavy-tail curve."""
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for note in notes:
+        parts.append(f"<p>{html.escape(note)}</p>")
+    parts.append("<p class='legend'>Token colours: <span style='background:rgba(220,40,40,0.6)'>positive "
+                 "contribution</span> <span style='background:rgba(40,90,220,0.6)'>negative contribution</span> "
+                 "(opacity ∝ |contribution| / the sequence's largest; hover a token for its value).</p>")
+    parts.append("<h2>Settings</h2><table class='settings'>")
+    for key, value in settings.items():
+        parts.append(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(str(value))}</td></tr>")
+    parts.append("</table>")
+    parts.append("<h2>Score distribution</h2>" + _svg_heavy_tail(np.asarray(scores)))
+    for q in queries:
+        parts.append(f"<h2 id='q-{html.escape(str(q['id']))}'>Query {html.escape(str(q['id']))}</h2>")
+        parts.append(f"<p class='seq'>{q['prompt_html']}</p>")
+        parts.append("<table><tr><th>rank</th><th>training id</th><th>score</th><th>sequence</th></tr>")
+        for hit in q["hits"]:
+            parts.append(f"<tr><td class='num'>{hit['rank']}</td><td class='id'>{html.escape(str(hit['id']))}</td>"
+                         f"<td class='num'>{hit['score']:+.4g}</td><td class='seq'>{hit['html']}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
