@@ -8,7 +8,7 @@ Inputs: a model (experiments/tasks/user_model.py: a local transformers folder, o
 and JSON Lines files (experiments/common/jsonl.py): training sequences {"id", "text"} and queries
 {"id", "prompt", "completion"} for a causal LM (query loss on the completion tokens only), or
 {"id", "text", "label"} for a sequence classifier. `config.layers` chooses the parameters: "mlp" (the
-MLP matrices of every block), "all", or regular expressions over module paths.
+MLP matrices of every block), "all", or a regular expression over module paths.
 
 Methods (`config.method`), with q the query's loss gradient and g_i the i-th training sequence's,
 over the chosen parameters:
@@ -22,7 +22,7 @@ over the chosen parameters:
 * `logra`: the same preconditioned score with LoGra's per-layer Kronecker projection
   (Choe et al. 2024; sketching/logra.py) in place of Φ;
 * `tracin`: TracIn-CP, Σ_c η_c ⟨Φq_c, Φg_{i,c}⟩ over the checkpoints `tracin.checkpoints` with learning
-  rates `tracin.learning_rates` (Pruthi et al. 2020 eq. 3), one index whose rows concatenate
+  rates `tracin.learning_rates` (both comma-separated; Pruthi et al. 2020 eq. 3), one index whose rows concatenate
   √η_c Φg_{i,c}.
 `tfidf_candidates = N > 0` scores each query only against its N best BM25 training sequences
 (G23 §3.2.1; attribution/tfidf.py); other pairs are NaN in scores.npy.
@@ -90,9 +90,9 @@ def validate_config(config) -> None:
             raise checks.ConfigError(f"config.data.{field}={path!r}: no such file")
     checks.integer("config.data.max_len", config.data.max_len, low=0)
     checks.one_of("config.method", config.method, METHODS)
-    if not (config.layers in ("mlp", "all") or (not isinstance(config.layers, str) and len(config.layers))):
-        raise checks.ConfigError(f"config.layers={config.layers!r}; allowed values: 'mlp', 'all', or a list of "
-                                 "regular expressions over module paths")
+    if not isinstance(config.layers, str) or not config.layers:
+        raise checks.ConfigError(f"config.layers={config.layers!r}; allowed values: 'mlp', 'all', or a regular "
+                                 "expression over module paths")
     checks.integer("config.batch_size", config.batch_size)
     checks.integer("config.top_k", config.top_k)
     checks.integer("config.tfidf_candidates", config.tfidf_candidates, low=0)
@@ -113,7 +113,7 @@ def validate_config(config) -> None:
         raise checks.ConfigError(f"config.query_rank={config.query_rank} applies to method 'ekfac' or 'kfac' only "
                                  f"(config.method={config.method!r}); set it to 0")
     if config.method == "tracin":
-        paths, rates = list(config.tracin.checkpoints), list(config.tracin.learning_rates)
+        paths, rates = _tracin_checkpoints(config)
         if not paths or len(paths) != len(rates):
             raise checks.ConfigError(f"config.tracin.checkpoints ({len(paths)}) and config.tracin.learning_rates "
                                      f"({len(rates)}) must be non-empty lists of equal length")
@@ -121,6 +121,18 @@ def validate_config(config) -> None:
             if not os.path.isdir(path):
                 raise checks.ConfigError(f"config.tracin.checkpoints[{i}]={path!r} is not a folder")
             checks.number(f"config.tracin.learning_rates[{i}]", rate, low=0, low_open=True)
+
+
+def _tracin_checkpoints(config) -> tuple[list[str], list[float]]:
+    """config.tracin's comma-separated checkpoint folders and learning rates."""
+    paths = [p.strip() for p in str(config.tracin.checkpoints).split(",") if p.strip()]
+    rates = []
+    for i, text in enumerate(t.strip() for t in str(config.tracin.learning_rates).split(",") if t.strip()):
+        try:
+            rates.append(float(text))
+        except ValueError:
+            raise checks.ConfigError(f"config.tracin.learning_rates[{i}]={text!r} is not a number") from None
+    return paths, rates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,11 +206,23 @@ class GradientScorer:
         self.cache_key = cache_key
 
     def features(self, arrays: dict, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), C·m): [√η_c Φ ∇ℓ(z, θ_c)]_c, through `index.sketched_features_fn` per checkpoint."""
+        """(len(rows), C·m): [√η_c Φ ∇ℓ(z, θ_c)]_c, through `index.sketched_features_fn` per checkpoint,
+        always on batches of `batch_size` rows (the last one padded with empty sequences, whose
+        features are dropped), so each checkpoint's program compiles once."""
+        rows = np.asarray(rows, np.int64)
+        size = self.config.batch_size
+        padded = np.concatenate([rows, np.full((-len(rows)) % size, rows[0] if len(rows) else 0, np.int64)])
+        if not hasattr(self, "_fns"):
+            self._fns = {}
         blocks = []
         for c, (sel, loss) in enumerate(zip(self.selected, self.loss)):
-            fn = index_lib.sketched_features_fn(self.sketch, self.state, loss, sel, arrays, mode=self.config.sketch.mode)
-            blocks.append(self.weights[c] * fn(np.asarray(rows, np.int64)))
+            key = (id(arrays), c)
+            if key not in self._fns:
+                self._fns[key] = index_lib.sketched_features_fn(self.sketch, self.state, loss, sel, arrays,
+                                                                mode=self.config.sketch.mode)
+            fn = self._fns[key]
+            out = np.concatenate([fn(padded[i: i + size]) for i in range(0, len(padded), size)])
+            blocks.append(self.weights[c] * out[: len(rows)])
         return np.concatenate(blocks, axis=1)
 
     def build_index(self, folder: str, quiet: bool) -> index_lib.GradientIndex:
@@ -228,10 +252,11 @@ class GradientScorer:
         """Per checkpoint c, the parameter-space direction v_c = √η_c Φᵀ u_c of each query (u: the
         vector the score dots with Φg): a list over checkpoints of flat dicts with a leading query axis."""
         m = self.config.sketch.m
+        transpose_all = jax.jit(jax.vmap(self.sketch.transpose, in_axes=(None, 0)))
         out = []
         for c in range(len(self.selected)):
-            u = jnp.asarray(query_vectors[:, c * m: (c + 1) * m], jnp.float32)
-            out.append(jax.vmap(lambda y: self.sketch.transpose(self.state, y))(u * self.weights[c]))
+            u = jnp.asarray(query_vectors[:, c * m: (c + 1) * m] * self.weights[c], jnp.float32)
+            out.append(transpose_all(self.state, u))
         return out
 
 
@@ -284,6 +309,7 @@ def _ekfac_scores(config, wd, user, params, patterns, train, queries, rows, cach
     if tail:  # the last, smaller batch unpadded: padded rows would count as examples in Λ
         fit_batches.append({k: v[rows[-tail:]] for k, v in train.arrays.items()})
     folder = wd.file(f"cache/ekfac-{cache_key}")
+    reused = os.path.exists(os.path.join(folder, ekfac.FACTORS_FILE))
     fit = ekfac.fit_ekfac(apply, params, fit_batches, task=task, layers=patterns, seed=config.seed,
                           labels=config.ekfac.labels, num_samples=config.ekfac.num_samples,
                           damping_factor=config.ekfac.damping_factor, folder=folder, progress=not quiet)
@@ -299,10 +325,13 @@ def _ekfac_scores(config, wd, user, params, patterns, train, queries, rows, cach
             return qb.low_rank_scores(low_rank, acts)
         return ekfac.influence_scores(pre, acts)
 
+    # The per-token split of the score actually ranked: of the rank-k queries when query batching.
+    scored = pre if low_rank is None else {p: jnp.einsum("qik,qko->qio", a, b) for p, (a, b) in low_rank.items()}
+
     @jax.jit
     def tokens_of(example_batch, q):
         acts, _ = ekfac.layer_activations(apply, params, example_batch, layers, task)
-        return ekfac.token_influence({p: jax.lax.dynamic_slice_in_dim(v, q, 1) for p, v in pre.items()}, acts)[0, 0]
+        return ekfac.token_influence({p: jax.lax.dynamic_slice_in_dim(v, q, 1) for p, v in scored.items()}, acts)[0, 0]
 
     scores = np.zeros((len(queries.ids), len(rows)), np.float64)
     for start, batch, real in tqdm(list(_batches(train.arrays, rows, config.batch_size)), desc="score",
@@ -318,26 +347,30 @@ def _ekfac_scores(config, wd, user, params, patterns, train, queries, rows, cach
 
     settings = {"layers (EK-FAC)": ", ".join(layers), "labels": config.ekfac.labels,
                 "damping": f"{config.ekfac.damping_factor} × mean(Λ) per layer",
-                "query rank": config.query_rank or "full", "cache": os.path.relpath(folder, wd.path)}
-    return scores, token_fn, settings
+                "query rank": config.query_rank or "full",
+                "cache": f"{os.path.relpath(folder, wd.path)} ({'reused' if reused else 'built'})"}
+    return scores, token_fn, settings, reused
 
 
 def _gradient_scores(config, wd, user, params, patterns, train, queries, rows, cache_key, quiet):
     if config.method == "tracin":
-        params_list = [user_model.load({**config.model.to_dict(), "path": p}).params for p in config.tracin.checkpoints]
-        weights = [float(r) for r in config.tracin.learning_rates]
+        paths, weights = _tracin_checkpoints(config)
+        params_list = [user_model.load({**config.model.to_dict(), "path": p}).params for p in paths]
     else:
         params_list, weights = [params], [1.0]
     key = cache_key if config.method != "tracin" else _digest({
         "base": cache_key, "checkpoints": [artifacts.tree_digest(p) for p in params_list], "rates": weights})
     scorer = GradientScorer(config, user, params_list, weights, patterns, train, queries, rows, key)
     folder = wd.file(f"cache/index-{key}")
+    manifest = os.path.join(folder, index_lib.MANIFEST)
+    reused = os.path.exists(manifest) and bool(artifacts.read_json(manifest).get("complete"))
     index = scorer.build_index(folder, quiet)
     phi_q = scorer.query_features()
     settings = {"sketch": f"{scorer.sketch_name}, m = {config.sketch.m}, seed {config.sketch.seed}, "
                           f"{config.sketch.mode} gradients",
                 "parameters": f"{sum(int(v.size) for v in scorer.selected[0].values()):,} in "
-                              f"{len(scorer.selected[0])} arrays", "cache": os.path.relpath(folder, wd.path)}
+                              f"{len(scorer.selected[0])} arrays",
+                "cache": f"{os.path.relpath(folder, wd.path)} ({'reused' if reused else 'built'})"}
     if config.method in ("trak", "logra"):
         u, ridge = scorer.preconditioned(index, phi_q)
         settings["ridge λ"] = f"{ridge:.4g} = {config.trak.ridge} · tr(ΦᵀΦ)/m"
@@ -351,7 +384,7 @@ def _gradient_scores(config, wd, user, params, patterns, train, queries, rows, c
     else:
         scores = dots
     if config.method == "tracin":
-        settings["checkpoints"] = ", ".join(f"{p} (η={r:g})" for p, r in zip(config.tracin.checkpoints, weights))
+        settings["checkpoints"] = ", ".join(f"{p} (η={r:g})" for p, r in zip(paths, weights))
     directions = scorer.directions(u) if user.model.task == "lm" else None
 
     def token_fn(pairs):
@@ -364,7 +397,7 @@ def _gradient_scores(config, wd, user, params, patterns, train, queries, rows, c
                 out[(q, row)] = v / max(norms[q, col], 1e-300)
         return out
 
-    return scores, token_fn, settings
+    return scores, token_fn, settings, reused
 
 
 def _pieces(user, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -402,7 +435,7 @@ def run(config, workdir: Workdir) -> dict:
                     "batch_size": config.batch_size, "seed": config.seed}})
 
     compute = _ekfac_scores if config.method in ("ekfac", "kfac") else _gradient_scores
-    scores, token_fn, settings = compute(config, workdir, user, params, patterns, train, queries, rows, cache_key, quiet)
+    scores, token_fn, settings, reused = compute(config, workdir, user, params, patterns, train, queries, rows, cache_key, quiet)
 
     # Rank: per query over its candidates (or all rows), ties by the lower row.
     ranking_scores = scores.copy()
@@ -463,6 +496,7 @@ def run(config, workdir: Workdir) -> dict:
                "truncated": train.truncated + queries.truncated, "scores_written": wrote_scores,
                "top1_ids": [str(train.ids[top_rows[q][0]]) for q in range(len(queries.ids))],
                "token_sum_max_rel_error": _token_sum_error(tokens, scores, rows),
+               "cache": "reused" if reused else "built", "cache_key": cache_key,
                "report": workdir.file("report.html")}
     if not quiet:
         print(f"report: {workdir.file('report.html')}\ntop-k: {workdir.file('top_k.jsonl')}"
@@ -471,12 +505,14 @@ def run(config, workdir: Workdir) -> dict:
 
 
 def _token_sum_error(tokens: dict, scores: np.ndarray, rows: np.ndarray) -> float | None:
-    """max over the coloured pairs of |Σ_t contribution − score| / max(|score|, max |scores|·1e-6)."""
+    """max over the coloured (query, sequence) pairs of |Σ_t contribution − score| / max_j |score_qj|
+    (the query's largest score sets the scale: float32 JVPs of a preconditioned direction carry
+    rounding of that size, not of the pair's own, possibly tiny, score)."""
     if not tokens:
         return None
-    scale = float(np.max(np.abs(scores))) * 1e-6
-    errors = [abs(float(np.sum(v)) - scores[q, int(np.searchsorted(rows, row))]) /
-              max(abs(scores[q, int(np.searchsorted(rows, row))]), scale, 1e-30) for (q, row), v in tokens.items()]
+    scale = np.maximum(np.max(np.abs(scores), axis=1), 1e-30)
+    errors = [abs(float(np.sum(v)) - scores[q, int(np.searchsorted(rows, row))]) / scale[q]
+              for (q, row), v in tokens.items()]
     return float(max(errors))
 
 

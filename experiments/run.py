@@ -42,6 +42,7 @@ import experiments
 from experiments.common.command_line import (UsageError, apply_override, format_preset_table, load_config,
                                              preset_table)
 from experiments.common.config_checks import ConfigError
+from experiments.common.jsonl import RecordError
 from experiments.common.train import TrainingDivergedError
 from experiments.common.workdir import Workdir, atomic_write_json
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in overrides:
             apply_override(config, key, value)
         summary = run_experiment(config, args.workdir, quiet=args.quiet)
-    except (UsageError, ConfigError, artifacts.FingerprintMismatchError, artifacts.LockedError) as error:
+    except (UsageError, ConfigError, RecordError, artifacts.FingerprintMismatchError, artifacts.LockedError) as error:
         if debug:
             raise
         print(f"error: {error}", file=sys.stderr)
