@@ -10,6 +10,10 @@
 * `PeakRSS`: a context manager sampling this process's resident set size in a background thread,
   reporting the peak above the value at entry (large buffers are mmapped, so freed memory is
   returned to the OS and successive measurements do not hide each other).
+* `CompileLog`: a context manager counting XLA backend compilations and their seconds while it is
+  open (`jax.monitoring`'s "/jax/core/compile/backend_compile_duration" event, one per executable
+  compiled; cache hits send none), to tell compile time from steady-state time and to catch a
+  function that recompiles per call or per batch shape.
 """
 from __future__ import annotations
 
@@ -137,3 +141,27 @@ class PeakRSS:
     @property
     def peak_delta_bytes(self) -> int:
         return self.peak_bytes - self.baseline_bytes
+
+
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+class CompileLog:
+    """`with CompileLog() as c: ...` then `c.count` (XLA compilations inside the block) and `c.seconds`
+    (their summed backend compile time). Compilations in other threads are counted too."""
+
+    def __init__(self):
+        self.count = 0
+        self.seconds = 0.0
+
+    def _listener(self, event: str, duration_s: float, **kwargs) -> None:
+        if event == BACKEND_COMPILE_EVENT:
+            self.count += 1
+            self.seconds += float(duration_s)
+
+    def __enter__(self) -> "CompileLog":
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listener)
