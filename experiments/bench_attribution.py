@@ -49,7 +49,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import sketching
@@ -178,6 +177,19 @@ def augmented_digits(seed: int, num_train: int, noise: float, max_shift: int) ->
     return {"x": out, "y": y[source].astype(np.int32)}, digits["test"], description
 
 
+def build_random_model(name: str, key: jax.Array, example: dict, **options):
+    """`models.build_model` for a randomly initialised model, with the init traced under one `jax.jit`
+    (one compilation instead of one per operation of an eager init)."""
+    built = {}
+
+    def init(k):
+        built["model"], params = models_lib.build_model(name, k, example, **options)
+        return params
+
+    params = jax.jit(init)(key)
+    return built["model"], params
+
+
 def _batches(arrays: dict, batch_size: int) -> list[dict]:
     n = len(arrays["y"])
     return [{k: v[s:s + batch_size] for k, v in arrays.items()} for s in range(0, n, batch_size)]
@@ -229,8 +241,8 @@ def run_ekfac(config, workdir, log) -> tuple[dict, list[str]]:
     train, test, description = augmented_digits(config.seed, e.num_train, e.noise, e.max_shift)
     queries = {k: v[:e.num_queries] for k, v in test.items()}
     key = jax.random.key(config.seed)
-    model, params = models_lib.build_model("mlp", key, {k: v[:2] for k, v in train.items()},
-                                           hidden=tuple(e.hidden), num_classes=10)
+    model, params = build_random_model("mlp", key, {k: v[:2] for k, v in train.items()},
+                                       hidden=tuple(e.hidden), num_classes=10)
     loss_fn = models_lib.make_loss_fns(model).loss_fn
     if e.train_steps:
         optimizer = train_lib.make_optimizer("adam", e.learning_rate, e.train_steps)
@@ -340,8 +352,8 @@ def run_index_build(config, workdir, log) -> tuple[dict, list[str]]:
         model, params = models_lib.build_model("minilm", key, example, num_classes=2)
         model_label = "all-MiniLM-L6-v2 + 2-class head"
     else:
-        model, params = models_lib.build_model("transformer", key, example, vocab_size=tokenizer.vocab_size,
-                                               max_len=b.seq_len, num_classes=2, **b.transformer.to_dict())
+        model, params = build_random_model("transformer", key, example, vocab_size=tokenizer.vocab_size,
+                                           max_len=b.seq_len, num_classes=2, **b.transformer.to_dict())
         model_label = f"random transformer {b.transformer.to_dict()}"
     num_params = models_lib.count_params(params)
     losses = models_lib.make_loss_fns(model)

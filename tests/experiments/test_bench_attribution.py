@@ -17,7 +17,7 @@ def tiny_config():
     config = bench_config.get_config("quick")
     e = config.ekfac
     e.num_train, e.num_queries, e.hidden, e.batch_size, e.ragged_batch_size = 300, 7, (8,), 100, 0
-    e.train_steps, e.train_batch_size = 5, 32
+    e.train_steps, e.train_batch_size = 0, 32  # no training: the smoke test times compilation-bound tiny fits
     b = config.index_build
     b.model, b.seq_len, b.batch_size, b.num_sequences, b.m, b.repeats = "transformer", 8, 2, 4, 32, 1
     b.sketches = ("qk",)
@@ -28,8 +28,12 @@ def tiny_config():
     return config
 
 
-def test_tiny_run_reports_finite_consistent_numbers(tmp_path, monkeypatch):
-    pytest.importorskip("faiss")
+def test_tiny_run_reports_finite_consistent_numbers(tmp_path):
+    try:
+        import faiss  # noqa: F401
+        have_faiss = True
+    except ImportError:
+        have_faiss = False
     s = run_experiment(tiny_config(), str(tmp_path), quiet=True)
     assert json.loads((tmp_path / "summary.json").read_text())["ekfac/num_train"] == 300
     report = (tmp_path / "report.md").read_text()
@@ -48,8 +52,11 @@ def test_tiny_run_reports_finite_consistent_numbers(tmp_path, monkeypatch):
             s[f"index_build/{name}/sketched_s"] / s["index_build/plain_s"])
         assert s[f"index_build/{name}/build_seq_per_s"] == pytest.approx(4 / s[f"index_build/{name}/build_s"])
     assert s["top_k/num_shards"] == 3 and s["top_k/shard_float32_mb"] == pytest.approx(1000 * 32 * 4 / 2**20)
-    assert s["ann/speedup"] == pytest.approx(s["ann/exact_s"] / s["ann/search_s"])
-    assert s["ann/recall@10"] == 1.0  # every cell probed: the IVF search is exhaustive
+    if have_faiss:
+        assert s["ann/speedup"] == pytest.approx(s["ann/exact_s"] / s["ann/search_s"])
+        assert s["ann/recall@10"] == 1.0  # every cell probed: the IVF search is exhaustive
+    else:
+        assert "pip install faiss-cpu" in s["ann/skipped"]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {r["section"] for r in records} == {"ekfac", "index_build/qk", "index_build",
                                                "top_k", "ann"}
