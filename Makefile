@@ -6,7 +6,7 @@ WORKDIR ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench attribute-example clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: install
 demo: install
 	$(PY) -m experiments.run --config configs/bench_sketch.py:quick --workdir $(WORKDIR)/bench_sketch
 	$(PY) -m experiments.run --config configs/demo.py --workdir $(WORKDIR)/fact_retrieval
+
+# The shipped attribution example: planted-facts JSONL files and a tiny Flax GPT-2, then EK-FAC
+# attribution from those files to runs/attribute_example/report.html.
+attribute-example: install
+	$(PY) -m experiments.run --config configs/attribution_example.py --workdir runs/example
+	$(PY) -m experiments.run --config configs/attribute.py:example --workdir runs/attribute_example
 
 bench: install
 	$(PY) -m experiments.run --config configs/bench_sketch.py --workdir runs/bench_sketch

@@ -13,7 +13,8 @@ Methods: ekfac, kfac, trak, tracin, sketch_dot, sketch_cosine, logra (experiment
 import ml_collections
 
 PRESETS = {
-    "": "your model folder and JSONL files, given with --config.model.path / --config.data.* (time: your data)",
+    "": "your model folder and JSONL files, given with --config.model.path / --config.data.* "
+        "(≈ 1 min for the example's 64 sequences; grows linearly with their number)",
     "example": "EK-FAC on the shipped example files in runs/example (≈ 1 min)",
 }
 EXAMPLE_DIR = "runs/example"
@@ -30,13 +31,14 @@ def get_config(arg=None):
     # max_len 0: the longest record (capped at the model's context); longer ones are truncated and counted.
     config.data = ml_collections.ConfigDict(dict(train="", queries="", max_len=0))
     config.method = "ekfac"
-    config.layers = "mlp"  # "mlp", "all", or a list of regular expressions over module paths
+    config.layers = "mlp"  # "mlp", "all", or a regular expression over module paths (full match)
     config.batch_size = 16
     config.top_k = 10
     config.sketch = ml_collections.ConfigDict(dict(name="afjl", m=1024, mode="explicit", seed=0))
     config.ekfac = ml_collections.ConfigDict(dict(labels="sampled", num_samples=1, damping_factor=0.1))
     config.trak = ml_collections.ConfigDict(dict(ridge=0.01))  # λ = ridge · tr(ΦᵀΦ)/m (trak and logra)
-    config.tracin = ml_collections.ConfigDict(dict(checkpoints=[], learning_rates=[]))
+    # TracIn: comma-separated checkpoint folders and the learning rate at each.
+    config.tracin = ml_collections.ConfigDict(dict(checkpoints="", learning_rates=""))
     config.tfidf_candidates = 0  # N > 0: score each query against its N best BM25 sequences only
     config.query_rank = 0        # k > 0: rank-k query batching (ekfac / kfac)
     config.scores_max_mb = 512   # scores.npy (Q × N float32) is written when it is at most this size

@@ -4,7 +4,8 @@
         --config.model.path=MODEL_DIR --config.data.train=train.jsonl \\
         --config.data.queries=queries.jsonl --config.method=ekfac
 
-Inputs: a model (experiments/tasks/user_model.py: a local transformers folder, or a `train_lm` run)
+Inputs: a model (experiments/tasks/user_model.py: a local transformers folder, a `train_lm` run, or
+the packaged all-MiniLM-L6-v2 with a linear head fitted to the training labels)
 and JSON Lines files (experiments/common/jsonl.py): training sequences {"id", "text"} and queries
 {"id", "prompt", "completion"} for a causal LM (query loss on the completion tokens only), or
 {"id", "text", "label"} for a sequence classifier. `config.layers` chooses the parameters: "mlp" (the
@@ -112,6 +113,8 @@ def validate_config(config) -> None:
     if config.query_rank and config.method not in ("ekfac", "kfac"):
         raise checks.ConfigError(f"config.query_rank={config.query_rank} applies to method 'ekfac' or 'kfac' only "
                                  f"(config.method={config.method!r}); set it to 0")
+    if config.method == "tracin" and config.model.kind == "minilm":
+        raise checks.ConfigError("config.method='tracin' needs training checkpoints; kind='minilm' has one model")
     if config.method == "tracin":
         paths, rates = _tracin_checkpoints(config)
         if not paths or len(paths) != len(rates):
@@ -414,15 +417,18 @@ def _pieces(user, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
 def run(config, workdir: Workdir) -> dict:
     validate_config(config)
     quiet = bool(config.get("quiet", False))
-    user = user_model.load(config.model)
-    task = user.model.task
+    task = config.model.get("task", "lm")
     train_kind, query_kind = _record_kinds(task)
     train_records = jsonl.read_records(config.data.train, train_kind)
     query_records = jsonl.read_records(config.data.queries, query_kind)
+    user = user_model.load(config.model, train_labels=[r["label"] for r in train_records] if task != "lm" else None)
     length = user_model.sequence_length(user, [(train_records, train_kind), (query_records, query_kind)],
                                         config.data.max_len)
     train = user_model.encode(user, train_records, train_kind, length, config.data.train)
     queries = user_model.encode(user, query_records, query_kind, length, config.data.queries)
+    probe_accuracy = None
+    if config.model.kind == "minilm":
+        probe_accuracy = user_model.fit_probe(user, train.arrays, config.batch_size)
     if config.top_k > len(train.ids):
         raise checks.ConfigError(f"config.top_k={config.top_k} exceeds the {len(train.ids)} training sequences")
     patterns = user_model.layer_patterns(config.layers, user.model_type)
@@ -485,6 +491,8 @@ def run(config, workdir: Workdir) -> dict:
                 "queries file": f"{config.data.queries} ({len(queries.ids)} queries)",
                 "sequence length": f"{length} tokens ({train.truncated + queries.truncated} sequences truncated)",
                 "layers": ", ".join(patterns),
+                **({"linear head": f"fitted to the training labels, train accuracy {probe_accuracy:.3f}"}
+                   if probe_accuracy is not None else {}),
                 "TF-IDF candidates": config.tfidf_candidates or "off (every training sequence scored)", **settings}
     _heavy_tail_png(workdir.file("heavy_tail.png"), full)
     page = html_report.render(title=f"Training-data attribution: {config.method}", settings=settings,
@@ -497,6 +505,7 @@ def run(config, workdir: Workdir) -> dict:
                "top1_ids": [str(train.ids[top_rows[q][0]]) for q in range(len(queries.ids))],
                "token_sum_max_rel_error": _token_sum_error(tokens, scores, rows),
                "cache": "reused" if reused else "built", "cache_key": cache_key,
+               **({"probe_train_accuracy": probe_accuracy} if probe_accuracy is not None else {}),
                "report": workdir.file("report.html")}
     if not quiet:
         print(f"report: {workdir.file('report.html')}\ntop-k: {workdir.file('top_k.jsonl')}"

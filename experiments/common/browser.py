@@ -2,6 +2,8 @@
 
 Chromium comes from the system packages (Debian: `apt-get install chromium`); `find_browser()` returns
 None where none is installed, so callers (tests) can skip with that reason.
+
+    python -m experiments.common.browser REPORT.html OUT.png     # a screenshot of a report
 """
 from __future__ import annotations
 
@@ -54,3 +56,11 @@ def screenshot(html_file: str, png_file: str, *, width: int = 1200, height: int 
     if done.returncode != 0 or not os.path.isfile(png_file):
         raise RuntimeError(f"{browser} could not screenshot {html_file} (exit {done.returncode}): {done.stderr[-500:]}")
     return png_file
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m experiments.common.browser REPORT.html OUT.png")
+    print(screenshot(sys.argv[1], sys.argv[2]))

@@ -1,8 +1,8 @@
-"""A self-contained HTML page of attribution results: per query its top training sequences, each token
-coloured by its contribution to the score (Grosse et al. 2023, Figs. 1 and 13: red raises the query's
-log-likelihood... here: red = positive contribution, blue = negative, opacity ∝ |contribution| / max
-over the sequence), the heavy-tail curve, and the run's settings. No script, no external file: the
-figure is an inline SVG, so the page opens anywhere (and renders the same in a headless browser).
+"""A self-contained HTML page of attribution results: per query its top training sequences with each
+token coloured by its contribution to the score (as in Grosse et al. 2023's token-wise figures: red
+positive, blue negative, opacity ∝ |contribution| / the sequence's largest), then the heavy-tail
+curve of the scores and the run's settings. No script and no external file (the figure is inline
+SVG), so the page opens anywhere and renders the same in a headless browser.
 """
 from __future__ import annotations
 
@@ -89,14 +89,12 @@ def render(*, title: str, settings: dict, queries: list[dict], scores: np.ndarra
              f"<style>{_STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
     for note in notes:
         parts.append(f"<p>{html.escape(note)}</p>")
+    parts.append(f"<p>{len(queries)} queries, each with its top {max((len(q['hits']) for q in queries), default=0)} "
+                 "training sequences. <a href='#distribution'>Score distribution</a> · "
+                 "<a href='#settings'>Settings</a></p>")
     parts.append("<p class='legend'>Token colours: <span style='background:rgba(220,40,40,0.6)'>positive "
                  "contribution</span> <span style='background:rgba(40,90,220,0.6)'>negative contribution</span> "
                  "(opacity ∝ |contribution| / the sequence's largest; hover a token for its value).</p>")
-    parts.append("<h2>Settings</h2><table class='settings'>")
-    for key, value in settings.items():
-        parts.append(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(str(value))}</td></tr>")
-    parts.append("</table>")
-    parts.append("<h2>Score distribution</h2>" + _svg_heavy_tail(np.asarray(scores)))
     for q in queries:
         parts.append(f"<h2 id='q-{html.escape(str(q['id']))}'>Query {html.escape(str(q['id']))}</h2>")
         parts.append(f"<p class='seq'>{q['prompt_html']}</p>")
@@ -105,5 +103,10 @@ def render(*, title: str, settings: dict, queries: list[dict], scores: np.ndarra
             parts.append(f"<tr><td class='num'>{hit['rank']}</td><td class='id'>{html.escape(str(hit['id']))}</td>"
                          f"<td class='num'>{hit['score']:+.4g}</td><td class='seq'>{hit['html']}</td></tr>")
         parts.append("</table>")
+    parts.append("<h2 id='distribution'>Score distribution</h2>" + _svg_heavy_tail(np.asarray(scores)))
+    parts.append("<h2 id='settings'>Settings</h2><table class='settings'>")
+    for key, value in settings.items():
+        parts.append(f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(str(value))}</td></tr>")
+    parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)

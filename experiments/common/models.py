@@ -363,6 +363,16 @@ def build_model(name: str, key: jax.Array, example_batch: dict, **options) -> tu
 _POOLER_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 
 
+def hf_from_pretrained(auto_class, path: str, from_pt: bool, **kwargs):
+    """(transformers model, params) from a local folder. Flax weights are read without first
+    initialising a random model (`_do_init=False`, seconds saved per load); PyTorch-layout safetensors
+    need that initialisation (transformers converts them into its parameter tree)."""
+    if from_pt:
+        model = auto_class.from_pretrained(path, from_pt=True, local_files_only=True, **kwargs)
+        return model, model.params
+    return auto_class.from_pretrained(path, local_files_only=True, _do_init=False, **kwargs)
+
+
 def load_pretrained(path: str, task: str, key: jax.Array, num_classes: int = 0) -> tuple[Model, PyTree]:
     """A local transformers checkpoint folder (config.json + flax_model.msgpack or model.safetensors).
 
@@ -389,15 +399,15 @@ def load_pretrained(path: str, task: str, key: jax.Array, num_classes: int = 0) 
     import transformers
 
     if task == "lm":
-        hf = transformers.FlaxAutoModelForCausalLM.from_pretrained(path, from_pt=from_pt, local_files_only=True)
+        hf, weights = hf_from_pretrained(transformers.FlaxAutoModelForCausalLM, path, from_pt)
         module = CausalLMWrapper(lm=hf.module, model_type=model_type, pad_token_id=pad_token_id)
-        return Model(name=f"pretrained:{model_type}", task="lm", module=module), {"lm": hf.params}
+        return Model(name=f"pretrained:{model_type}", task="lm", module=module), {"lm": weights}
     _positive("num_classes", num_classes)
     extra = {"add_pooling_layer": False} if model_type in _POOLER_MODEL_TYPES else {}
-    hf = transformers.FlaxAutoModel.from_pretrained(path, from_pt=from_pt, local_files_only=True, **extra)
+    hf, weights = hf_from_pretrained(transformers.FlaxAutoModel, path, from_pt, **extra)
     module = EncoderClassifier(encoder=hf.module, num_classes=num_classes, model_type=model_type,
                                pad_token_id=pad_token_id)
     head = nn.Dense(num_classes).init(key, jnp.zeros((1, hf.config.hidden_size), jnp.float32))["params"]
     return Model(name=f"pretrained:{model_type}", task="classification", module=module), {
-        "encoder": hf.params, "head": head,
+        "encoder": weights, "head": head,
     }

@@ -9,6 +9,9 @@ Model kinds (`config.model.kind`):
   folder must hold).
 * `project`: the workdir of this project's `train_lm` experiment (its config.json, tokenizer.json
   and newest checkpoint): the tiny decoder-only transformer.
+* `minilm`: the packaged all-MiniLM-L6-v2 encoder (no path) with a linear head on its mean-pooled
+  sentence embeddings, fitted to the training file's labels (`fit_probe`: softmax regression,
+  full-batch Adam, L2 1e-4, deterministic); attribution then explains that classifier.
 
 Sequences become right-padded arrays of one length T (`config.data.max_len`, or the longest record
 capped at the model's context), so every jitted function compiles once; longer sequences are cut
@@ -19,7 +22,8 @@ the tokenizer's own special tokens, label `y`; string labels are mapped through 
 `label2id`.
 
 `layer_patterns` resolves `config.layers`: "mlp" (the MLP matrices of every block, per model
-family), "all", or a list of regular expressions over module paths ('lm/transformer/h/0/mlp/c_fc').
+family), "all", or a regular expression over module paths (full match, e.g.
+'lm/transformer/h/1/mlp/c_(fc|proj)').
 """
 from __future__ import annotations
 
@@ -38,9 +42,9 @@ import artifacts
 from experiments.common import config_checks as checks
 from experiments.common import models as models_lib
 from experiments.common import train as train_lib
-from experiments.common.tokenizers import WordTokenizer, pretrained_tokenizer, set_offline
+from experiments.common.tokenizers import WordTokenizer, minilm_dir, pretrained_tokenizer, set_offline
 
-KINDS = ("hf", "project")
+KINDS = ("hf", "project", "minilm")
 TASKS = models_lib.TASKS
 
 # The MLP matrices of every transformer block, by transformers `model_type` (Grosse et al. 2023 §3.1
@@ -87,6 +91,11 @@ def validate_model_section(model) -> None:
     checks.check_fields("config.model", model, {"kind", "path", "task", "tokenizer"})
     checks.one_of("config.model.kind", model.get("kind"), KINDS)
     checks.one_of("config.model.task", model.get("task", "lm"), TASKS)
+    if model.get("kind") == "minilm":
+        if model.get("task", "lm") != "classification":
+            raise ValueError("config.model.task must be 'classification' for kind='minilm' (an encoder with a "
+                             "linear head fitted to the training labels)")
+        return
     path = model.get("path")
     if not isinstance(path, str) or not path:
         raise ValueError("config.model.path is empty; give the folder of a transformers checkpoint "
@@ -145,9 +154,7 @@ def _load_hf(path: str, task: str, tokenizer_path: str | None) -> UserModel:
         raise ValueError(f"no tokenizer could be read from {tokenizer_folder!r} ({error}); save the tokenizer "
                          "there with `tokenizer.save_pretrained(folder)` or set config.model.tokenizer") from None
     if task == "lm":
-        # _do_init=False: the weights are read, not first initialised at random (seconds saved per load).
-        hf, weights = transformers.FlaxAutoModelForCausalLM.from_pretrained(
-            path, from_pt=from_pt, local_files_only=True, _do_init=False)
+        hf, weights = models_lib.hf_from_pretrained(transformers.FlaxAutoModelForCausalLM, path, from_pt)
         module = models_lib.CausalLMWrapper(lm=hf.module, model_type=model_type, pad_token_id=pad_token_id)
         params, label2id = {"lm": weights}, {}
     else:
@@ -156,8 +163,7 @@ def _load_hf(path: str, task: str, tokenizer_path: str | None) -> UserModel:
             raise ValueError(f"config.model.path={path!r} holds a {hf_config.get('architectures')} checkpoint without "
                              "a sequence-classification head; attribution needs the trained classifier "
                              "(save it with `model.save_pretrained(folder)` after fine-tuning)")
-        hf, weights = transformers.FlaxAutoModelForSequenceClassification.from_pretrained(
-            path, from_pt=from_pt, local_files_only=True, _do_init=False)
+        hf, weights = models_lib.hf_from_pretrained(transformers.FlaxAutoModelForSequenceClassification, path, from_pt)
         module = models_lib.SequenceClassifierWrapper(classifier=hf.module, model_type=model_type,
                                                       pad_token_id=pad_token_id)
         params = {"classifier": weights}
@@ -190,13 +196,61 @@ def _load_project(path: str) -> UserModel:
     return UserModel(model, params, _word_codec(tokenizer), "project", max_len, {}, os.path.abspath(path))
 
 
-def load(model_section) -> UserModel:
-    """The model of `config.model` (see the module docstring)."""
+def _load_minilm(labels: list) -> UserModel:
+    """all-MiniLM-L6-v2 + a head with one class per distinct training label (fitted by `fit_probe`)."""
+    if not labels:
+        raise ValueError("kind='minilm' needs the training labels to size and fit its head")
+    if all(isinstance(v, int) for v in labels):
+        label2id = {str(c): c for c in range(max(labels) + 1)}
+    elif all(isinstance(v, str) for v in labels):
+        label2id = {name: c for c, name in enumerate(sorted(set(labels)))}
+    else:
+        raise ValueError("kind='minilm': the training labels mix integers and strings; use one kind")
+    path = minilm_dir()
+    model, params = models_lib.load_pretrained(path, "classification", jax.random.key(0), num_classes=len(label2id))
+    tokenizer = pretrained_tokenizer(path)
+    return UserModel(model, params, _hf_codec(tokenizer), "bert", 512, label2id, path)
+
+
+def load(model_section, train_labels: list | None = None) -> UserModel:
+    """The model of `config.model` (see the module docstring); `train_labels` size minilm's head."""
     validate_model_section(model_section)
     kind, task = model_section["kind"], model_section.get("task", "lm")
     if kind == "hf":
         return _load_hf(model_section["path"], task, model_section.get("tokenizer") or None)
+    if kind == "minilm":
+        return _load_minilm(list(train_labels or []))
     return _load_project(model_section["path"])
+
+
+def fit_probe(user: UserModel, arrays: dict, batch_size: int, steps: int = 500) -> float:
+    """Fits the head of a minilm model (in place) by softmax regression on the frozen mean-pooled
+    embeddings of `arrays`: full-batch Adam (lr 0.05), loss CE + 1e-4 ‖W‖². Returns the train accuracy."""
+    embed = jax.jit(lambda p, b: user.model.apply(p, b, method="embed"))
+    rows = len(arrays["y"])
+    features = np.concatenate([np.asarray(embed(user.params, {k: v[i: i + batch_size] for k, v in arrays.items()}))
+                               for i in range(0, rows, batch_size)])
+    x, y = jnp.asarray(features), jnp.asarray(arrays["y"])
+    head = user.params["head"]
+    optimizer = optax.adam(0.05)
+
+    def loss(h):
+        logits = x @ h["kernel"] + h["bias"]
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)) + 1e-4 * jnp.sum(h["kernel"] ** 2)
+
+    @jax.jit
+    def fit(h):
+        def step(carry, _):
+            h, state = carry
+            grads = jax.grad(loss)(h)
+            updates, state = optimizer.update(grads, state, h)
+            return (optax.apply_updates(h, updates), state), None
+        (h, _), _ = jax.lax.scan(step, (h, optimizer.init(h)), None, length=steps)
+        return h
+
+    head = fit(head)
+    user.params = {**user.params, "head": head}
+    return float(jnp.mean(jnp.argmax(x @ head["kernel"] + head["bias"], axis=1) == y))
 
 
 def layer_patterns(layers, model_type: str) -> tuple[str, ...]:
@@ -208,15 +262,14 @@ def layer_patterns(layers, model_type: str) -> tuple[str, ...]:
         return (MLP_LAYERS[model_type],)
     if layers == "all":
         return (ALL_LAYERS,)
-    if isinstance(layers, str) or not layers or not all(isinstance(p, str) for p in layers):
-        raise ValueError(f"config.layers={layers!r}; allowed values: 'mlp', 'all', or a list of regular "
-                         "expressions over module paths")
-    for p in layers:
-        try:
-            re.compile(p)
-        except re.error as error:
-            raise ValueError(f"config.layers has an invalid regular expression {p!r}: {error}") from None
-    return tuple(layers)
+    if not isinstance(layers, str) or not layers:
+        raise ValueError(f"config.layers={layers!r}; allowed values: 'mlp', 'all', or a regular expression "
+                         "over module paths")
+    try:
+        re.compile(layers)
+    except re.error as error:
+        raise ValueError(f"config.layers={layers!r} is not a valid regular expression: {error}") from None
+    return (layers,)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -337,3 +337,89 @@ def test_report_renders_in_a_browser(ekfac_run, tmp_path):
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(png) > 20_000  # a rendered page, not a blank one
+
+
+# ----------------------------------------------------------------------------------------------
+# Other model kinds: a BERT sequence classifier, the project's own transformer
+# ----------------------------------------------------------------------------------------------
+
+def test_bert_classifier_from_save_pretrained(tmp_path):
+    """A (random, tiny) FlaxBertForSequenceClassification with the packaged WordPiece tokenizer."""
+    import transformers
+
+    from experiments.common.tokenizers import minilm_tokenizer
+
+    folder = tmp_path / "bert"
+    hf_config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    transformers.FlaxBertForSequenceClassification(hf_config, seed=0).save_pretrained(str(folder))
+    minilm_tokenizer().save_pretrained(str(folder))
+    words = ["rivers", "music", "bridges", "cheese", "boats", "tea"]
+    train = [{"id": i, "text": f"the {words[i % 6]} of town {i} are {'good' if i % 2 else 'bad'}", "label": i % 2}
+             for i in range(12)]
+    queries = [{"id": "q0", "text": "the rivers are good", "label": 1}, {"id": "q1", "text": "tea is bad", "label": 0}]
+    jsonl.write_records(str(tmp_path / "train.jsonl"), train)
+    jsonl.write_records(str(tmp_path / "queries.jsonl"), queries)
+    config = attribute_config.get_config()
+    config.model.update(path=str(folder), task="classification")
+    config.data.update(train=str(tmp_path / "train.jsonl"), queries=str(tmp_path / "queries.jsonl"))
+    config.update(method="ekfac", top_k=3, batch_size=4)
+    summary = run_experiment(config, str(tmp_path / "run"), quiet=True)
+    scores = np.load(tmp_path / "run" / "scores.npy")
+
+    user = user_model.load(config.model)
+    assert user.model.task == "classification" and user.model_type == "bert"
+    t = user_model.encode(user, jsonl.read_records(config.data.train, "classification"), "classification",
+                          summary["sequence_length"], config.data.train)
+    q = user_model.encode(user, jsonl.read_records(config.data.queries, "classification"), "classification",
+                          summary["sequence_length"], config.data.queries)
+    assert t.arrays["tokens"][0, 0] == 101  # [CLS]: the tokenizer's own special tokens
+    factors = ekfac.EKFACFactors.load(str(tmp_path / "run" / "cache" / f"ekfac-{summary['cache_key']}"))
+    assert sorted(p.rsplit("/", 3)[-3:][1] for p in factors.layers) == ["intermediate", "output"]
+    qgrads = ekfac.per_example_layer_grads(user.model.apply, user.params, q.arrays, factors.layers, "classification")
+    acts, _ = ekfac.layer_activations(user.model.apply, user.params, t.arrays, factors.layers, "classification")
+    _close(scores, np.asarray(ekfac.influence_scores(factors.ihvp(qgrads), acts), np.float64))
+    assert summary["token_sum_max_rel_error"] < 1e-3  # G23's split over positions works for classifiers too
+
+
+def test_project_transformer_from_a_train_lm_run(tmp_path):
+    from configs import train_lm as train_lm_config
+
+    config = train_lm_config.get_config("quick")
+    config.data.update(num_facts=4, num_distractors=4, num_heldout=0)
+    config.train.update(num_steps=20, batch_size=4, checkpoint_every=0, eval_every=0, warmup_steps=2)
+    run_experiment(config, str(tmp_path / "lm"), quiet=True)
+    corpus = json.loads((tmp_path / "lm" / "corpus.json").read_text())
+    jsonl.write_records(str(tmp_path / "train.jsonl"), [{"id": i, "text": d} for i, d in enumerate(corpus["documents"])])
+    jsonl.write_records(str(tmp_path / "queries.jsonl"), [
+        {"id": i, "prompt": q["prompt"], "completion": " " + q["answer"]} for i, q in enumerate(corpus["queries"])])
+    attribute_cfg = attribute_config.get_config()
+    attribute_cfg.model.update(kind="project", path=str(tmp_path / "lm"))
+    attribute_cfg.data.update(train=str(tmp_path / "train.jsonl"), queries=str(tmp_path / "queries.jsonl"))
+    attribute_cfg.update(method="sketch_dot", top_k=2, batch_size=4)
+    attribute_cfg.sketch.m = SKETCH_M
+    summary = run_experiment(attribute_cfg, str(tmp_path / "run"), quiet=True)
+    assert summary["num_train"] == len(corpus["documents"]) and summary["truncated"] == 0
+    assert summary["token_sum_max_rel_error"] < 1e-3
+    rows = [json.loads(line) for line in (tmp_path / "run" / "top_k.jsonl").read_text().splitlines()]
+    assert [r["query_id"] for r in rows] == list(range(len(corpus["queries"])))
+
+
+def test_packaged_minilm_with_a_fitted_head(tmp_path):
+    """kind='minilm': the packaged encoder, a linear head fitted to the labels, EK-FAC on its last block."""
+    train = [{"id": f"t{i}", "text": text, "label": label} for i, (text, label) in enumerate([
+        ("the river flooded the town", "nature"), ("storms and rain all week", "nature"),
+        ("the forest is green in spring", "nature"), ("the team won the final match", "sport"),
+        ("she ran the marathon in record time", "sport"), ("a goal in the last minute", "sport")])]
+    queries = [{"id": "q", "text": "heavy rain over the hills", "label": "nature"}]
+    jsonl.write_records(str(tmp_path / "train.jsonl"), train)
+    jsonl.write_records(str(tmp_path / "queries.jsonl"), queries)
+    config = attribute_config.get_config()
+    config.model.update(kind="minilm", task="classification")
+    config.data.update(train=str(tmp_path / "train.jsonl"), queries=str(tmp_path / "queries.jsonl"))
+    config.update(method="ekfac", top_k=3, batch_size=6, layers=r".*/layer/5/(intermediate|output)/dense")
+    summary = run_experiment(config, str(tmp_path / "run"), quiet=True)
+    assert summary["probe_train_accuracy"] == 1.0  # six separable sentences
+    assert summary["token_sum_max_rel_error"] < 1e-3
+    top = json.loads((tmp_path / "run" / "top_k.jsonl").read_text().splitlines()[0])["top"]
+    assert top[0]["id"] in ("t0", "t1", "t2")  # a same-label sentence helps the query most

@@ -4,6 +4,7 @@ any work), so the documented commands cannot rot."""
 import ast
 import glob
 import os
+import re
 import shlex
 
 import pytest
@@ -12,6 +13,10 @@ from experiments import run as runner
 from experiments.common.command_line import apply_override, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A template command (`--config configs/NAME.py`, `--config.model.path=MODEL_DIR`) is not a command.
+PLACEHOLDER = re.compile(r"(?<![\w./-])[A-Z][A-Z_]{2,}(?![\w])")
+# Files that a documented command writes and the next documented command reads.
+WRITTEN_BY_AN_EARLIER_COMMAND = ("runs/example",)
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
@@ -26,7 +31,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
             while line.endswith("\\") and i + 1 < len(lines):
                 i += 1
                 line = line[:-1] + " " + lines[i].strip()
-            if line.startswith("python -m experiments.run") and "--config" in line and "NAME" not in line:
+            if line.startswith("python -m experiments.run") and "--config" in line and not PLACEHOLDER.search(line):
                 tokens = []
                 for token in shlex.split(line)[3:]:
                     if token.startswith("("):  # a trailing "(≤ 5 min, 2 CPU cores)" remark
@@ -53,4 +58,11 @@ def test_documented_command_validates(where, tokens):
     for key, value in overrides:
         apply_override(config, key, value)
     module = runner.load_experiment(config.experiment)
-    module.validate_config(config)
+    try:
+        module.validate_config(config)
+    except ValueError as error:
+        needs = [p for p in WRITTEN_BY_AN_EARLIER_COMMAND if p in str(error) and not os.path.exists(p)]
+        if not needs:
+            raise
+        assert "no such file" in str(error) or "not a folder" in str(error), error
+        pytest.skip(f"reads {needs[0]}, which the documented command before it writes")
