@@ -13,7 +13,9 @@ def test_influence_llm_smoke(tmp_path):
     config = config_lib.get_config("quick")
     config.data.update(num_facts=6, num_distractors=6, num_heldout=2)
     config.train.update(num_steps=20, batch_size=8, checkpoint_every=20, eval_every=20, warmup_steps=2)
-    config.update(sketch_dim=64, trak_dim=64, lds_subsets=2, query_ranks=(1, 4), tfidf_n=(2, 8))
+    # sketches: the two checked below (the preset's afjl goes through the same loop)
+    config.update(sketch_dim=64, trak_dim=64, lds_subsets=2, query_ranks=(1, 4), tfidf_n=(2, 8),
+                  sketches=("qk", "logra"))
     config.model.update(num_layers=1, d_model=16, num_heads=2)
     summary = run_experiment(config, str(tmp_path), quiet=True)
     for task in ("facts_lm", "facts_lm_reversed"):
