@@ -22,10 +22,12 @@ setup(
         "matplotlib>=3.8",
         "safetensors>=0.4",
         "transformers>=4.40,<5",  # 5.x has no Flax models
+        "tokenizers>=0.19",       # the shipped attribution example's word-level tokenizer
         "scikit-learn>=1.3",      # the bundled digits data set
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scipy>=1.11"],
+        "test": ["pytest>=8.0", "scipy>=1.11", "faiss-cpu>=1.7"],
         "bench": ["matfree>=0.6"],  # only for experiments/bench_lanczos.py (skipped without it)
+        "ann": ["faiss-cpu>=1.7"],  # only for attribution/ann.py (approximate top-k)
     },
 )

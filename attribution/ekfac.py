@@ -41,6 +41,7 @@ state; a rerun into the same folder with other parameters, other data or other s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -419,15 +420,18 @@ def _label_draws(apply_fn, params, batch, task, labels_mode, key, num_samples):
 
 
 def _make_stats_fns(apply_fn, layers, task, labels_mode, num_samples):
-    """Jitted per-batch statistics: (Σ_tok w x̃x̃ᵀ, Σ_tok w δδᵀ, Σ_tok w) and Σ_seq w (Q_Aᵀ DW̃ Q_S)²."""
+    """Jitted per-batch statistics: (Σ_tok w x̃x̃ᵀ, Σ_tok w δδᵀ, Σ_tok w) and Σ_seq w (Q_Aᵀ DW̃ Q_S)².
+    `valid` (B,) is 1 on real examples and 0 on the rows that pad a short last batch to the batch
+    shape (their weights are 0, so one compilation serves every batch)."""
 
-    def weighted_acts(params, batch, key):
+    def weighted_acts(params, batch, key, valid):
         tiled, labels, w = _label_draws(apply_fn, params, batch, task, labels_mode, key, num_samples)
+        w = w * jnp.tile(valid.astype(w.dtype), w.shape[0] // valid.shape[0])  # copies are copy-major
         acts, _ = layer_activations(apply_fn, params, tiled, layers, task, labels=labels)
         return tiled, acts, w
 
-    def covariance(params, batch, key):
-        tiled, acts, w = weighted_acts(params, batch, key)
+    def covariance(params, batch, key, valid):
+        tiled, acts, w = weighted_acts(params, batch, key, valid)
         stats = {}
         for path, (x, d) in acts.items():
             mask = _token_mask(tiled, x) * w.astype(x.dtype)[:, None]
@@ -435,8 +439,8 @@ def _make_stats_fns(apply_fn, layers, task, labels_mode, num_samples):
                            jnp.sum(mask))
         return stats
 
-    def eigen_correction(params, batch, key, bases):
-        _, acts, w = weighted_acts(params, batch, key)
+    def eigen_correction(params, batch, key, valid, bases):
+        _, acts, w = weighted_acts(params, batch, key, valid)
         out = {}
         for path, (x, d) in acts.items():
             qa, qs = bases[path]
@@ -445,6 +449,31 @@ def _make_stats_fns(apply_fn, layers, task, labels_mode, num_samples):
         return out
 
     return jax.jit(covariance), jax.jit(eigen_correction)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_stats_fns(apply_fn, layers_items, task, labels_mode, num_samples):
+    """`_make_stats_fns`, one pair of jitted functions per setting, so a second fit (same model,
+    layers and batch shape) reuses the compiled executables instead of recompiling."""
+    return _make_stats_fns(apply_fn, dict(layers_items), task, labels_mode, num_samples)
+
+
+def _stats_fns(apply_fn, layers, task, labels_mode, num_samples):
+    try:
+        return _cached_stats_fns(apply_fn, tuple(layers.items()), task, labels_mode, num_samples)
+    except TypeError:  # an unhashable apply_fn: jitted afresh (compiled once per fit)
+        return _make_stats_fns(apply_fn, layers, task, labels_mode, num_samples)
+
+
+def _padded(batch, size: int):
+    """(batch with its leading axis zero-padded to `size`, valid (size,) = 1 on the real rows)."""
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    valid = np.zeros(size, np.float32)
+    valid[:n] = 1.0
+    if n == size:
+        return batch, valid
+    pad = lambda a: np.concatenate([np.asarray(a), np.zeros((size - n,) + np.shape(a)[1:], np.asarray(a).dtype)])  # noqa: E731
+    return jax.tree_util.tree_map(pad, batch), valid
 
 
 def _fit_meta(layers, task, labels_mode, num_samples, num_batches, seed, damping, damping_factor,
@@ -514,7 +543,8 @@ def fit_ekfac(apply_fn: ApplyFn, params: PyTree, batches: Sequence[dict], *, tas
                           {"meta": np.array(json.dumps(meta, sort_keys=True)), "phase": np.array(state["phase"]),
                            "next": np.array(state["next"]), **sums})
 
-    covariance, correction = _make_stats_fns(apply_fn, infos, task, labels, int(num_samples))
+    covariance, correction = _stats_fns(apply_fn, infos, task, labels, int(num_samples))
+    batch_rows = max(jax.tree_util.tree_leaves(b)[0].shape[0] for b in batches)  # a short last batch is padded
     key = jax.random.key(seed)
     # Pass 1: A and S.
     if state["phase"] == 0:
@@ -524,7 +554,8 @@ def fit_ekfac(apply_fn: ApplyFn, params: PyTree, batches: Sequence[dict], *, tas
                              f"{p}::tokens": np.zeros(())})
         for b in tqdm(range(state["next"], len(batches)), desc="ekfac A,S", disable=not progress,
                       initial=state["next"], total=len(batches)):
-            stats = covariance(params, batches[b], jax.random.fold_in(key, b))
+            padded, valid = _padded(batches[b], batch_rows)
+            stats = covariance(params, padded, jax.random.fold_in(key, b), valid)
             for p, (a, s, n) in stats.items():
                 sums[f"{p}::A"] += np.asarray(a, np.float64)
                 sums[f"{p}::S"] += np.asarray(s, np.float64)
@@ -552,7 +583,8 @@ def fit_ekfac(apply_fn: ApplyFn, params: PyTree, batches: Sequence[dict], *, tas
     sums.setdefault("examples", np.zeros(()))
     for b in tqdm(range(state["next"], len(batches)), desc="ekfac Λ", disable=not progress,
                   initial=state["next"], total=len(batches)):
-        lam = correction(params, batches[b], jax.random.fold_in(key, len(batches) + b), bases)
+        padded, valid = _padded(batches[b], batch_rows)
+        lam = correction(params, padded, jax.random.fold_in(key, len(batches) + b), valid, bases)
         for p, v in lam.items():
             sums[f"{p}::Lambda"] += np.asarray(v, np.float64)
         sums["examples"] += jax.tree_util.tree_leaves(batches[b])[0].shape[0]

@@ -203,7 +203,7 @@ def test_validation_errors():
         ekfac.fit_ekfac(model.apply, params, [batch], task="regression")
     with pytest.raises(ValueError, match="labels"):
         ekfac.fit_ekfac(model.apply, params, [batch], task="classification", labels="true")
-    with pytest.raises(ValueError, match="match no nn.Dense.*dense_0"):
+    with pytest.raises(ValueError, match="match no linear layer.*dense_0"):
         ekfac.find_layers(model.apply, params, batch, ("nope",))
     with pytest.raises(ValueError, match="method"):
         fit = ekfac.fit_ekfac(model.apply, params, [batch], task="classification", layers=("head",), progress=False)
@@ -319,3 +319,35 @@ def test_corrupt_or_empty_cache_files_are_named_and_recomputed(tmp_path, which):
     for p in ref.factors:
         np.testing.assert_allclose(got.factors[p].Lambda, ref.factors[p].Lambda, rtol=1e-6, atol=1e-12)
     ekfac.EKFACFactors.load(folder)  # rewritten whole
+
+
+def test_gpt2_conv1d_layer_gradients_equal_autodiff():
+    """transformers' GPT-2 stores its linear layers as FlaxConv1D with (out, in) kernels: the captured
+    per-example layer gradients X̃ᵀΔ must equal jax.grad of the same loss, transposed back."""
+    import transformers
+
+    from experiments.common import models as models_lib
+
+    hf_config = transformers.GPT2Config(vocab_size=40, n_positions=12, n_embd=16, n_layer=1, n_head=2)
+    hf = transformers.FlaxGPT2LMHeadModel(hf_config, seed=0)
+    model = models_lib.Model("hf:gpt2", "lm", models_lib.CausalLMWrapper(lm=hf.module, model_type="gpt2", pad_token_id=0))
+    params = {"lm": hf.params}
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, 40, (3, 12)).astype(np.int32)
+    mask = np.ones((3, 12), np.float32)
+    mask[2, 9:] = 0
+    batch = {"tokens": tokens, "mask": mask, "loss_mask": np.concatenate([np.zeros((3, 1)), mask[:, 1:]], 1)}
+    layers = ekfac.find_layers(model.apply, params, batch, layers=(r".*/mlp/(c_fc|c_proj)",))
+    assert sorted(layers) == ["lm/transformer/h/0/mlp/c_fc", "lm/transformer/h/0/mlp/c_proj"]
+    assert all(info.transposed for info in layers.values())
+    captured = ekfac.per_example_layer_grads(model.apply, params, batch, layers, "lm")
+    loss = models_lib.make_loss_fns(model).per_example_loss
+    for i in range(3):
+        one = {k: v[i: i + 1] for k, v in batch.items()}
+        grads = jax.grad(lambda p: loss(p, one)[0])(params)
+        expected = ekfac.params_to_layer_grads(grads, layers)
+        for path in layers:
+            np.testing.assert_allclose(captured[path][i], expected[path], rtol=2e-4, atol=1e-6)
+    mats = ekfac.layer_grads_to_params(expected, layers)
+    node = grads["lm"]["transformer"]["h"]["0"]["mlp"]["c_fc"]
+    np.testing.assert_array_equal(mats["lm/transformer/h/0/mlp/c_fc"]["kernel"], node["kernel"])
