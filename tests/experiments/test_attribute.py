@@ -28,28 +28,6 @@ from experiments.tasks import user_model
 SKETCH_M = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory, monkeypatch_module):
-    """The runner's persistent compilation cache, in a folder of this module's own: the runs below
-    compile the same programs again and again (what a user's reruns do)."""
-    from jax._src import compilation_cache as jax_cache
-
-    from experiments.run import COMPILATION_CACHE_ENV, enable_compilation_cache
-
-    monkeypatch_module.setenv(COMPILATION_CACHE_ENV, str(tmp_path_factory.mktemp("jax_cache")))
-    previous = jax.config.jax_compilation_cache_dir
-    assert enable_compilation_cache() is not None
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous)
-    jax_cache.reset_cache()
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
-
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
     """The example maker's files: data/*.jsonl, data/planted.json, model/, checkpoints/step_*."""
@@ -344,17 +322,20 @@ def test_report_renders_in_a_browser(ekfac_run, tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def test_bert_classifier_from_save_pretrained(tmp_path):
-    """A (random, tiny) FlaxBertForSequenceClassification with the packaged WordPiece tokenizer."""
+    """A (random, tiny) FlaxBertForSequenceClassification and its WordPiece tokenizer, saved by transformers."""
     import transformers
 
-    from experiments.common.tokenizers import minilm_tokenizer
-
     folder = tmp_path / "bert"
-    hf_config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
-    transformers.FlaxBertForSequenceClassification(hf_config, seed=0).save_pretrained(str(folder))
-    minilm_tokenizer().save_pretrained(str(folder))
+    folder.mkdir()
     words = ["rivers", "music", "bridges", "cheese", "boats", "tea"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "of", "town", "are", "is", "good", "bad"] + words + \
+        [str(i) for i in range(12)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(str(folder))
+    hf_config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                        num_labels=2)
+    transformers.FlaxBertForSequenceClassification(hf_config, seed=0).save_pretrained(str(folder))
     train = [{"id": i, "text": f"the {words[i % 6]} of town {i} are {'good' if i % 2 else 'bad'}", "label": i % 2}
              for i in range(12)]
     queries = [{"id": "q0", "text": "the rivers are good", "label": 1}, {"id": "q1", "text": "tea is bad", "label": 0}]
@@ -373,7 +354,7 @@ def test_bert_classifier_from_save_pretrained(tmp_path):
                           summary["sequence_length"], config.data.train)
     q = user_model.encode(user, jsonl.read_records(config.data.queries, "classification"), "classification",
                           summary["sequence_length"], config.data.queries)
-    assert t.arrays["tokens"][0, 0] == 101  # [CLS]: the tokenizer's own special tokens
+    assert t.arrays["tokens"][0, 0] == vocab.index("[CLS]")  # the tokenizer's own special tokens
     factors = ekfac.EKFACFactors.load(str(tmp_path / "run" / "cache" / f"ekfac-{summary['cache_key']}"))
     assert sorted(p.rsplit("/", 3)[-3:][1] for p in factors.layers) == ["intermediate", "output"]
     qgrads = ekfac.per_example_layer_grads(user.model.apply, user.params, q.arrays, factors.layers, "classification")
