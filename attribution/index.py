@@ -246,7 +246,9 @@ def _decode(stored: np.ndarray, dtype: str) -> np.ndarray:
 
         return np.asarray(stored).view(ml_dtypes.bfloat16).astype(np.float32)
     if dtype == "float16":
-        return np.asarray(stored["row"], np.float32) * np.asarray(stored["scale"], np.float32)[:, None]
+        rows = np.asarray(stored["row"], np.float32)  # a fresh float32 array, scaled in place
+        rows *= np.asarray(stored["scale"], np.float32)[:, None]
+        return rows
     return np.array(stored, dtype=np.float32, copy=True)
 
 
@@ -868,7 +870,8 @@ def top_k(
     if isinstance(index_or_array, GradientIndex):
         num, dim = index_or_array.num_examples, index_or_array.dim
         compute_dtype = np.dtype(np.float32)
-        blocks = index_or_array.iter_blocks(block_size)
+        # Decoded one tile at a time (not a whole shard): memory O(tile · m) and cache-friendly.
+        blocks = index_or_array.iter_blocks(block_size if block_size is not None else score_tile_rows(num, dim))
     else:
         array = index_or_array
         if not hasattr(array, "shape") or len(array.shape) != 2:
@@ -896,15 +899,17 @@ def top_k(
     tile = score_tile_rows(num, dim)
     for start, rows in _aligned_tiles(blocks, tile):
         rows = rows.astype(q.dtype, copy=False)
-        finite = np.all(np.isfinite(rows), axis=1)
-        if not finite.all():
-            raise ValueError(f"training row {start + int(np.nonzero(~finite)[0][0])} holds non-finite values")
         if score == "dot":
             s = _tile_products(q, rows, tile)
         elif score == "cosine":
             # ⟨q, t⟩ / (‖q‖‖t‖): norms are per row, products per fixed-shape tile, so rows whose
             # inner products are exactly equal (e.g. duplicates) tie exactly in every block layout.
-            denominator = q_norm * np.linalg.norm(rows, axis=1)[None, :]
+            row_norm = np.linalg.norm(rows, axis=1)
+            if not np.all(np.isfinite(row_norm)):  # a non-finite row would score 0 by the zero-norm rule
+                finite = np.all(np.isfinite(rows), axis=1)
+                if not finite.all():
+                    raise ValueError(f"training row {start + int(np.nonzero(~finite)[0][0])} holds non-finite values")
+            denominator = q_norm * row_norm[None, :]
             s = np.divide(_tile_products(q, rows, tile), denominator,
                           out=np.zeros((num_q, rows.shape[0]), q.dtype), where=denominator > 0)
         else:
@@ -912,8 +917,14 @@ def top_k(
             if s.shape != (num_q, rows.shape[0]):
                 raise ValueError(f"score callable returned shape {s.shape}; expected (Q, b) = {(num_q, rows.shape[0])}")
             s = s.astype(q.dtype, copy=False)
-        if np.isnan(s).any():
-            raise ValueError(f"scores of rows [{start}, {start + rows.shape[0]}) contain NaN")
+        if not np.all(np.isfinite(s)):
+            # With finite queries a score is non-finite exactly when its row holds a non-finite value
+            # (or the product overflows): checked on the (Q, tile) scores, not the (tile, m) rows.
+            finite = np.all(np.isfinite(rows), axis=1)
+            if not finite.all():
+                raise ValueError(f"training row {start + int(np.nonzero(~finite)[0][0])} holds non-finite values")
+            if np.isnan(s).any():
+                raise ValueError(f"scores of rows [{start}, {start + rows.shape[0]}) contain NaN")
         s, idx = _block_candidates(s, start, k)
         best_s, best_i = _merge_top_k(best_s.astype(s.dtype, copy=False), best_i, s, idx, k)
     return best_s, best_i
