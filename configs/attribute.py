@@ -41,7 +41,7 @@ def get_config(arg=None):
     config.tracin = ml_collections.ConfigDict(dict(checkpoints="", learning_rates=""))
     config.tfidf_candidates = 0  # N > 0: score each query against its N best BM25 sequences only
     config.query_rank = 0        # k > 0: rank-k query batching (ekfac / kfac)
-    config.scores_max_mb = 512   # scores.npy (Q × N float32) is written when it is at most this size
+    config.scores_max_mb = 512.0  # scores.npy (Q × N float32) is written when it is at most this size
     if arg == "example":
         config.model.path = f"{EXAMPLE_DIR}/model"
         config.data.train = f"{EXAMPLE_DIR}/data/train.jsonl"

@@ -34,6 +34,10 @@ it over the per-token losses, ⟨v_q, ∇ℓ_{i,t}⟩ with v_q the score's direc
 (Φᵀφ_q, Φᵀ(ΦᵀΦ + λI)⁻¹φ_q, ...), one JVP per (query, sequence). Either way the contributions sum
 to the score. Classification with a gradient method has no per-token losses: no colouring.
 
+Scores are kept as a Q × N matrix when it fits in `scores_max_mb`. Beyond that the gradient methods
+retrieve each query's top k by streaming the index (`attribution.index.top_k`: memory of one tile,
+any N), and EK-FAC / K-FAC ask for TF-IDF candidates.
+
 Outputs in the workdir: `scores.npy` (Q × N float32, when it fits in `scores_max_mb`), `top_k.jsonl`
 (per query: its id and the ranked training ids, scores and texts), `report.html` (per query the
 top-k sequences with tokens coloured by their contribution, the heavy-tail curve, the settings),
@@ -43,6 +47,7 @@ method options), so a rerun with the same inputs reuses them and any change buil
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -302,8 +307,25 @@ def _candidate_rows(config, train, queries) -> tuple[np.ndarray | None, np.ndarr
     return candidates, np.unique(candidates)
 
 
-def _ekfac_scores(config, wd, user, params, patterns, train, queries, rows, cache_key, quiet):
-    """(scores (Q, len(rows)), token contributions {(q, row) -> (T,)} for the top-k, settings)."""
+@dataclasses.dataclass
+class Scored:
+    """A method's result: `scores` (Q, len(rows)) when the matrix fits in memory, else `top`
+    (columns into rows (Q, k), scores (Q, k)) from streaming retrieval; `token_fn(pairs)` ->
+    {(query, row): (T,) per-token contributions}; the settings shown in the report."""
+
+    scores: np.ndarray | None
+    top: tuple[np.ndarray, np.ndarray] | None
+    token_fn: Any
+    settings: dict
+    reused: bool
+
+
+def _dense_fits(config, num_queries: int, num_rows: int) -> bool:
+    """Whether the Q × N float32 score matrix fits in `scores_max_mb`."""
+    return num_queries * num_rows * 4 <= config.scores_max_mb * 2 ** 20
+
+
+def _ekfac_scores(config, wd, user, params, patterns, train, queries, rows, cache_key, quiet) -> Scored:
     task = user.model.task
     apply = user.model.apply
     fit_batches = [b for _, b, real in _batches(train.arrays, rows, config.batch_size)
@@ -352,10 +374,10 @@ def _ekfac_scores(config, wd, user, params, patterns, train, queries, rows, cach
                 "damping": f"{config.ekfac.damping_factor} × mean(Λ) per layer",
                 "query rank": config.query_rank or "full",
                 "cache": f"{os.path.relpath(folder, wd.path)} ({'reused' if reused else 'built'})"}
-    return scores, token_fn, settings, reused
+    return Scored(scores, None, token_fn, settings, reused)
 
 
-def _gradient_scores(config, wd, user, params, patterns, train, queries, rows, cache_key, quiet):
+def _gradient_scores(config, wd, user, params, patterns, train, queries, rows, cache_key, quiet) -> Scored:
     if config.method == "tracin":
         paths, weights = _tracin_checkpoints(config)
         params_list = [user_model.load({**config.model.to_dict(), "path": p}).params for p in paths]
@@ -379,13 +401,24 @@ def _gradient_scores(config, wd, user, params, patterns, train, queries, rows, c
         settings["ridge λ"] = f"{ridge:.4g} = {config.trak.ridge} · tr(ΦᵀΦ)/m"
     else:
         u = phi_q.astype(np.float64)
-    train_rows = index.load().astype(np.float64)
-    dots = u @ train_rows.T
-    if config.method == "sketch_cosine":
-        norms = np.linalg.norm(phi_q, axis=1)[:, None] * np.linalg.norm(train_rows, axis=1)[None, :]
-        scores = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-    else:
-        scores = dots
+    cosine = config.method == "sketch_cosine"
+    q_norms = np.linalg.norm(phi_q.astype(np.float64), axis=1)
+    if _dense_fits(config, len(queries.ids), len(rows)):
+        scores, row_norms = np.empty((len(queries.ids), len(rows))), np.empty(len(rows))
+        for start, block in index.iter_blocks():
+            block = block.astype(np.float64)
+            scores[:, start: start + len(block)] = u @ block.T
+            row_norms[start: start + len(block)] = np.linalg.norm(block, axis=1)
+        if cosine:
+            denominator = q_norms[:, None] * row_norms[None, :]
+            scores = np.divide(scores, denominator, out=np.zeros_like(scores), where=denominator > 0)
+        top = None
+    else:  # streaming top-k over the index: memory O(Q·k + one tile), no Q × N matrix
+        k = min(config.top_k, len(rows))
+        top_scores, columns = index_lib.top_k(index, (phi_q if cosine else u).astype(np.float32), k,
+                                              score="cosine" if cosine else "dot")
+        scores, top = None, (columns, top_scores.astype(np.float64))
+        settings["scores"] = f"streaming top-{k} (Q × N exceeds scores_max_mb = {config.scores_max_mb})"
     if config.method == "tracin":
         settings["checkpoints"] = ", ".join(f"{p} (η={r:g})" for p, r in zip(paths, weights))
     directions = scorer.directions(u) if user.model.task == "lm" else None
@@ -394,13 +427,14 @@ def _gradient_scores(config, wd, user, params, patterns, train, queries, rows, c
         if directions is None:
             return {}
         out = _token_contributions_gradient(scorer, directions, pairs, train.arrays, quiet)
-        if config.method == "sketch_cosine":
+        if cosine:  # the dot's contributions over ‖φ_q‖‖φ_i‖
+            hit_rows = sorted({row for _, row in pairs})
+            hit_norms = dict(zip(hit_rows, np.linalg.norm(scorer.features(train.arrays, np.array(hit_rows)), axis=1)))
             for (q, row), v in out.items():
-                col = int(np.searchsorted(rows, row))
-                out[(q, row)] = v / max(norms[q, col], 1e-300)
+                out[(q, row)] = v / max(q_norms[q] * hit_norms[row], 1e-300)
         return out
 
-    return scores, token_fn, settings, reused
+    return Scored(scores, top, token_fn, settings, reused)
 
 
 def _pieces(user, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
@@ -440,40 +474,56 @@ def run(config, workdir: Workdir) -> dict:
         "options": {"sketch": config.sketch.to_dict(), "ekfac": config.ekfac.to_dict(),
                     "batch_size": config.batch_size, "seed": config.seed}})
 
+    if config.method in ("ekfac", "kfac") and not _dense_fits(config, len(queries.ids), len(rows)):
+        raise checks.ConfigError(
+            f"{config.method} scores of {len(queries.ids)} queries × {len(rows)} training sequences exceed "
+            f"config.scores_max_mb={config.scores_max_mb}; set config.tfidf_candidates (score each query "
+            "against its BM25 candidates only), use fewer queries, or raise scores_max_mb")
+    if candidates is not None and not _dense_fits(config, len(queries.ids), len(rows)):
+        raise checks.ConfigError(f"config.tfidf_candidates={config.tfidf_candidates}: the {len(queries.ids)} × "
+                                 f"{len(rows)} candidate scores exceed config.scores_max_mb={config.scores_max_mb}")
     compute = _ekfac_scores if config.method in ("ekfac", "kfac") else _gradient_scores
-    scores, token_fn, settings, reused = compute(config, workdir, user, params, patterns, train, queries, rows, cache_key, quiet)
+    result = compute(config, workdir, user, params, patterns, train, queries, rows, cache_key, quiet)
+    reused, settings = result.reused, result.settings
 
     # Rank: per query over its candidates (or all rows), ties by the lower row.
-    ranking_scores = scores.copy()
-    if candidates is not None:
-        allowed = np.zeros_like(ranking_scores, bool)
-        for q, cand in enumerate(candidates):
-            allowed[q, np.searchsorted(rows, cand)] = True
-        ranking_scores[~allowed] = -np.inf
-    k = min(config.top_k, ranking_scores.shape[1] if candidates is None else config.tfidf_candidates)
-    order = np.argsort(-ranking_scores, axis=1, kind="stable")[:, :k]
-    top_rows = rows[order]
+    if result.scores is not None:
+        ranking = result.scores.copy()
+        if candidates is not None:
+            allowed = np.zeros_like(ranking, bool)
+            for q, cand in enumerate(candidates):
+                allowed[q, np.searchsorted(rows, cand)] = True
+            ranking[~allowed] = -np.inf
+        k = min(config.top_k, ranking.shape[1] if candidates is None else config.tfidf_candidates)
+        columns = np.argsort(-ranking, axis=1, kind="stable")[:, :k]
+        top_scores = np.take_along_axis(result.scores, columns, axis=1)
+        scale = np.max(np.abs(np.where(np.isfinite(ranking), result.scores, 0.0)), axis=1)
+    else:
+        columns, top_scores = result.top
+        scale = np.max(np.abs(top_scores), axis=1)
+    top_rows = rows[columns]
     pairs = [(q, int(r)) for q in range(len(queries.ids)) for r in top_rows[q]]
-    tokens = token_fn(pairs)
+    tokens = result.token_fn(pairs)
 
-    # Outputs.
-    full = np.full((len(queries.ids), len(train.ids)), np.nan, np.float32)
-    full[:, rows] = scores
-    if candidates is not None:
-        for q in range(len(queries.ids)):
-            keep = np.zeros(len(train.ids), bool)
-            keep[candidates[q]] = True
-            full[q, ~keep] = np.nan
-    wrote_scores = full.nbytes <= config.scores_max_mb * 2 ** 20
-    if wrote_scores:
+    # Outputs: the full matrix (NaN on pairs not scored) when it was computed.
+    full = None
+    if result.scores is not None:
+        full = np.full((len(queries.ids), len(train.ids)), np.nan, np.float32)
+        full[:, rows] = result.scores
+        if candidates is not None:
+            for q in range(len(queries.ids)):
+                keep = np.zeros(len(train.ids), bool)
+                keep[candidates[q]] = True
+                full[q, ~keep] = np.nan
         artifacts.atomic_write_npy(workdir.file("scores.npy"), full)
+    wrote_scores = full is not None
+    curve = full if full is not None else top_scores
     lines, report_queries = [], []
     for q, qid in enumerate(queries.ids):
         hits = []
         for rank, row in enumerate(top_rows[q], start=1):
-            col = int(np.searchsorted(rows, row))
-            hits.append({"rank": rank, "id": train.ids[row], "score": float(scores[q, col]), "text": train.texts[row],
-                         "row": int(row)})
+            hits.append({"rank": rank, "id": train.ids[row], "score": float(top_scores[q, rank - 1]),
+                         "text": train.texts[row], "row": int(row)})
         lines.append(json.dumps({"query_id": qid, "method": config.method,
                                  "top": [{k2: h[k2] for k2 in ("rank", "id", "score", "text")} for h in hits]},
                                 ensure_ascii=False))
@@ -494,16 +544,16 @@ def run(config, workdir: Workdir) -> dict:
                 **({"linear head": f"fitted to the training labels, train accuracy {probe_accuracy:.3f}"}
                    if probe_accuracy is not None else {}),
                 "TF-IDF candidates": config.tfidf_candidates or "off (every training sequence scored)", **settings}
-    _heavy_tail_png(workdir.file("heavy_tail.png"), full)
+    _heavy_tail_png(workdir.file("heavy_tail.png"), curve)
     page = html_report.render(title=f"Training-data attribution: {config.method}", settings=settings,
-                              queries=report_queries, scores=full)
+                              queries=report_queries, scores=curve)
     atomic_write_text(workdir.file("report.html"), page)
-    finite = full[np.isfinite(full)]
     summary = {"method": config.method, "num_train": len(train.ids), "num_queries": len(queries.ids),
-               "num_scored_pairs": int(finite.size), "sequence_length": length,
+               "num_scored_pairs": int(np.isfinite(full).sum()) if full is not None else None,
+               "sequence_length": length,
                "truncated": train.truncated + queries.truncated, "scores_written": wrote_scores,
                "top1_ids": [str(train.ids[top_rows[q][0]]) for q in range(len(queries.ids))],
-               "token_sum_max_rel_error": _token_sum_error(tokens, scores, rows),
+               "token_sum_max_rel_error": _token_sum_error(tokens, top_rows, top_scores, scale),
                "cache": "reused" if reused else "built", "cache_key": cache_key,
                **({"probe_train_accuracy": probe_accuracy} if probe_accuracy is not None else {}),
                "report": workdir.file("report.html")}
@@ -513,15 +563,14 @@ def run(config, workdir: Workdir) -> dict:
     return summary
 
 
-def _token_sum_error(tokens: dict, scores: np.ndarray, rows: np.ndarray) -> float | None:
+def _token_sum_error(tokens: dict, top_rows: np.ndarray, top_scores: np.ndarray, scale: np.ndarray) -> float | None:
     """max over the coloured (query, sequence) pairs of |Σ_t contribution − score| / max_j |score_qj|
     (the query's largest score sets the scale: float32 JVPs of a preconditioned direction carry
     rounding of that size, not of the pair's own, possibly tiny, score)."""
     if not tokens:
         return None
-    scale = np.maximum(np.max(np.abs(scores), axis=1), 1e-30)
-    errors = [abs(float(np.sum(v)) - scores[q, int(np.searchsorted(rows, row))]) / scale[q]
-              for (q, row), v in tokens.items()]
+    errors = [abs(float(np.sum(tokens[(q, int(row))])) - top_scores[q, j]) / max(scale[q], 1e-30)
+              for q in range(top_rows.shape[0]) for j, row in enumerate(top_rows[q]) if (q, int(row)) in tokens]
     return float(max(errors))
 
 

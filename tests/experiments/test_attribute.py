@@ -145,7 +145,20 @@ def test_gradient_methods_equal_the_library(example, tmp_path):
         config, summary, scores = _run(example, folder, method)
         results[method] = (config, summary, scores)
         assert summary["token_sum_max_rel_error"] < 1e-3, method
-    config = results["sketch_dot"][0]
+    # Beyond scores_max_mb: streaming top-k over the index gives the same ranking, and no matrix.
+    config, summary, _ = results["sketch_dot"]
+    streamed = run_experiment(_config(example, "sketch_dot", scores_max_mb=1e-6), str(tmp_path / "streamed"),
+                              quiet=True)
+    assert not streamed["scores_written"] and not (tmp_path / "streamed" / "scores.npy").exists()
+    dense_top = [json.loads(line)["top"] for line in (tmp_path / "sketch_dot" / "top_k.jsonl").read_text().splitlines()]
+    streamed_top = [json.loads(line)["top"] for line in (tmp_path / "streamed" / "top_k.jsonl").read_text().splitlines()]
+    for a, b in zip(dense_top, streamed_top):
+        assert [h["id"] for h in a] == [h["id"] for h in b]
+        np.testing.assert_allclose([h["score"] for h in a], [h["score"] for h in b], rtol=1e-5)
+    assert streamed["token_sum_max_rel_error"] < 1e-3
+    with pytest.raises(ValueError, match=r"ekfac scores of \d+ queries × \d+ training sequences exceed"):
+        run_experiment(_config(example, "ekfac", scores_max_mb=1e-6), str(tmp_path / "too_big"), quiet=True)
+
     user, train, queries = _loaded(config)
     chosen, _ = _mlp_params(user.params, user.model_type)
     for sketch_name, methods in ((config.sketch.name, ("sketch_dot", "sketch_cosine", "trak")), ("logra", ("logra",))):
