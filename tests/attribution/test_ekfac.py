@@ -351,3 +351,35 @@ def test_gpt2_conv1d_layer_gradients_equal_autodiff():
     mats = ekfac.layer_grads_to_params(expected, layers)
     node = grads["lm"]["transformer"]["h"]["0"]["mlp"]["c_fc"]
     np.testing.assert_array_equal(mats["lm/transformer/h/0/mlp/c_fc"]["kernel"], node["kernel"])
+
+
+def test_second_fit_and_ragged_last_batch_compile_nothing():
+    """The jitted statistics are cached per setting and a short last batch is padded with zero-weight
+    rows: a second fit with the same model and batch shape runs without one XLA compilation, and the
+    padding changes nothing (exact labels: the factors equal those of the unpadded sums)."""
+    from experiments.common.timing import CompileLog
+
+    model, params, _ = _mlp(8)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    rng = np.random.default_rng(5)
+    sizes = (11, 11, 6)  # shapes no other test compiles, so the first fit's compilations are its own
+    batches = [{"x": jnp.asarray(rng.normal(size=(n, IN)), jnp.float32), "y": jnp.asarray(rng.integers(0, 3, n))}
+               for n in sizes]
+    kw = dict(task="classification", layers=(".*",), labels="exact", progress=False)
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)  # a persistent-cache hit would hide a recompile
+    try:
+        with CompileLog() as log:
+            first = ekfac.fit_ekfac(model.apply, params, batches, **kw)
+        assert log.count > 0  # the log sees this fit's compilations
+        with CompileLog() as log:
+            second = ekfac.fit_ekfac(model.apply, params, batches, **kw)
+        assert log.count == 0
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)
+    one = ekfac.fit_ekfac(model.apply, params, [{k: jnp.concatenate([b[k] for b in batches]) for k in batches[0]}],
+                          **kw)
+    for path in first.layers:
+        np.testing.assert_array_equal(first.factors[path].Lambda, second.factors[path].Lambda)
+        np.testing.assert_allclose(first.factors[path].A, one.factors[path].A, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(first.factors[path].Lambda, one.factors[path].Lambda, rtol=1e-4, atol=1e-9)
