@@ -437,14 +437,25 @@ def _gradient_scores(config, wd, user, params, patterns, train, queries, rows, c
     return Scored(scores, top, token_fn, settings, reused)
 
 
-def _pieces(user, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-    """Each real token's text in context (prefix decodes differenced, so BPE spaces come out right)."""
+def _pieces(user, tokens: np.ndarray, mask: np.ndarray, context: int = 8) -> list[str]:
+    """Each real token's text in context: decode(ids[t-c : t+1]) minus decode(ids[t-c : t]), so the
+    spaces a tokenizer's decoder puts between tokens (word-level) or inside them (byte-level BPE)
+    come out right, at O(T·c) decoding cost. A character whose UTF-8 bytes span several byte-level
+    tokens decodes to U+FFFD until its last byte: it is given to the token that completes it."""
+    incomplete = "\ufffd"
     ids = [int(t) for t, m in zip(tokens, mask) if m > 0]
-    pieces, previous = [], ""
+    pieces, pending = [], None  # pending: the first token whose text waits for a character's last byte
     for t in range(len(ids)):
-        current = user.codec.decode(ids[: t + 1])
-        pieces.append(current[len(previous):] if current.startswith(previous) else user.codec.decode([ids[t]]))
-        previous = current
+        first = t if pending is None else pending
+        start = max(0, first - context)
+        current = user.codec.decode(ids[start: t + 1])
+        previous = user.codec.decode(ids[start: first]).rstrip(incomplete)
+        if current.endswith(incomplete) and t + 1 < len(ids):
+            pieces.append("")
+            pending = first
+            continue
+        pending = None
+        pieces.append(current[len(previous):] if current.startswith(previous) else user.codec.decode(ids[first: t + 1]))
     return pieces
 
 

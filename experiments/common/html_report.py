@@ -37,15 +37,18 @@ def _colour(value: float, scale: float) -> str:
 
 
 def token_spans(pieces: Sequence[str], contributions: Sequence[float] | None) -> str:
-    """HTML of a sequence, one <span> per token with its contribution as colour and tooltip."""
+    """HTML of a sequence, one <span> per token with its contribution as colour and tooltip (a token
+    without text of its own adds its contribution to the next one that has text)."""
     if contributions is None:
         return html.escape("".join(pieces))
     values = np.asarray(contributions, np.float64)
     scale = float(np.max(np.abs(values))) if values.size else 0.0
-    out = []
+    out, carried = [], 0.0
     for piece, value in zip(pieces, values):
-        if not piece:
+        if not piece:  # a token with no text of its own (part of a later token's character): carried on
+            carried += value
             continue
+        value, carried = value + carried, 0.0
         out.append(f'<span class="tok" style="background:{_colour(value, scale)}" '
                    f'title="{value:+.4g}">{html.escape(piece)}</span>')
     return "".join(out)

@@ -417,3 +417,24 @@ def test_packaged_minilm_with_a_fitted_head(tmp_path):
     assert summary["token_sum_max_rel_error"] < 1e-3
     top = json.loads((tmp_path / "run" / "top_k.jsonl").read_text().splitlines()[0])["top"]
     assert top[0]["id"] in ("t0", "t1", "t2")  # a same-label sentence helps the query most
+
+
+def test_token_pieces_rebuild_the_text_for_byte_level_bpe():
+    """The report shows a sequence token by token; with a byte-level BPE (GPT-2's kind of tokenizer,
+    spaces inside the tokens) and with a word-level one the pieces must join back into the text."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from experiments.attribution_example import hf_word_tokenizer
+
+    texts = ["the capital of kelnixia is zorzorin.", "Ünïcode wörds, spaced  twice and numbers 1234!"]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts * 20, vocab_size=300, min_frequency=1, show_progress=False)
+    byte_level = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    word_level = hf_word_tokenizer(["<pad>", "<bos>", "<eos>", "<unk>", "the", "capital", "of", "is", "."])
+    for tokenizer, text in ((byte_level, texts[1]), (byte_level, texts[0]), (word_level, "the capital of the capital .")):
+        user = user_model.UserModel(None, None, user_model._hf_codec(tokenizer), "gpt2", 64, {}, "")
+        ids = np.asarray(tokenizer(text)["input_ids"])
+        pieces = attribute._pieces(user, ids, np.ones(len(ids)))
+        assert len(pieces) == len(ids)
+        assert "".join(pieces) == tokenizer.decode(ids.tolist(), skip_special_tokens=True)
