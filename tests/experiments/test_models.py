@@ -66,7 +66,8 @@ def test_transformer_classifier_and_sketched_gradients():
     loss_fn = models.make_loss_fns(model).loss_fn
     sketch = sketching.get("afjl", 64)
     state = sketch.init(jax.random.key(0), params)
-    sketched = sketching.sketch_per_example_gradients(sketch, state, loss_fn, params, batch)
+    # one compiled program instead of op-by-op dispatch (each op compiled on its own)
+    sketched = jax.jit(lambda p, b: sketching.sketch_per_example_gradients(sketch, state, loss_fn, p, b))(params, batch)
     assert sketched.shape == (2, 64) and bool(jnp.all(jnp.isfinite(sketched)))
 
 
