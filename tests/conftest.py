@@ -26,3 +26,15 @@ def x64():
     """Float64 inside one test only (dense float64 references)."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def no_compilation_cache():
+    """The persistent compilation cache off inside one test, for tests that count compilations: a cache
+    hit sends no compile event, so it would hide a recompile."""
+    previous = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", previous)

@@ -28,7 +28,7 @@ def tiny_config():
     return config
 
 
-def test_tiny_run_reports_finite_consistent_numbers(tmp_path):
+def test_tiny_run_reports_finite_consistent_numbers(tmp_path, no_compilation_cache):
     try:
         import faiss  # noqa: F401
         have_faiss = True
