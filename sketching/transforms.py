@@ -102,6 +102,52 @@ def kron_apply(factors, x: jax.Array) -> jax.Array:
     return y.reshape(batch + (-1,))
 
 
+def leading_rows(factors, m: int) -> tuple[list, int]:
+    """Factors of R_{m'}(F_1 ⊗ … ⊗ F_k), the first m' ≥ m rows of a Kronecker product of square
+    factors, with m' = c·t_j the smallest such block of rows: in row-major order row r has digits
+    r_i = ⌊r / t_i⌋ mod b_i (t_i = b_{i+1}⋯b_k), so the rows r < c·t_j are exactly those with r_i = 0
+    for i < j, r_j < c and any r_{i>j}. Factor i keeps its first ⌈m / t_i⌉ rows (at most b_i).
+    Returns (factors, m'); the first m of the m' rows are the first m rows of the product."""
+    blocks = [int(f.shape[0]) for f in factors]
+    out, kept = [], 1
+    for i, f in enumerate(factors):
+        trailing = math.prod(blocks[i + 1:])
+        rows = min(blocks[i], -(-m // trailing) if kept == 1 else blocks[i])
+        out.append(f[:rows])
+        kept *= rows
+    return out, kept
+
+
+def _weighted_slab_sum(y: jax.Array, weights: jax.Array, axis: int) -> jax.Array:
+    """Σ_a weights[a] · y[..., a, ...] over `axis` (kept with size 1), as a loop that adds one slab at
+    a time. Measured on 2 CPU cores for 8 × 2^25 float32: 0.09 s; a dot_general 0.69 s (it first
+    transposes the whole tensor), a broadcast multiply + reduce 0.40 s."""
+    def slab(a):
+        return weights[a] * jax.lax.dynamic_index_in_dim(y, a, axis, keepdims=True)
+
+    return jax.lax.fori_loop(1, y.shape[axis], lambda a, total: total + slab(a), slab(0))
+
+
+def kron_apply_any_order(factors, x: jax.Array) -> jax.Array:
+    """(F_1 ⊗ … ⊗ F_k) x like `kron_apply`, contracting the factors that shrink the tensor most
+    first (smallest rows/columns ratio): with rectangular factors of few rows (the leading rows of
+    a Kronecker transform, `leading_rows`) the tensor shrinks at once and R_m of the transform costs
+    O(n) instead of O(n Σ b_i). Each step is one contraction of one axis, kept in place."""
+    in_shape = tuple(int(f.shape[1]) for f in factors)
+    if x.shape[-1] != math.prod(in_shape):
+        raise ValueError(f"kron_apply: vector length {x.shape[-1]} != product of factor columns {in_shape}")
+    batch = x.shape[:-1]
+    y = x.reshape((-1,) + in_shape)
+    order = sorted(range(len(factors)), key=lambda i: int(factors[i].shape[0]) / int(factors[i].shape[1]))
+    for i in order:
+        f = factors[i]
+        if f.shape[0] == 1:
+            y = _weighted_slab_sum(y, f[0], i + 1)
+        else:
+            y = jnp.moveaxis(jnp.tensordot(y, f, axes=([i + 1], [1]), precision=HIGHEST), -1, i + 1)
+    return y.reshape(batch + (-1,))
+
+
 def haar_rows(key: jax.Array, rows: int, cols: int, dtype=jnp.float32) -> jax.Array:
     """The first `rows` rows (shape (rows, cols)) of a Haar-distributed cols×cols orthogonal matrix.
 
@@ -276,6 +322,38 @@ class Mixer:
         if self.kind == "hartley":
             return dht(x)
         return kron_apply(tables, x)
+
+    @property
+    def kronecker(self) -> bool:
+        """A Kronecker product of explicit factors (permuted Hadamard, orthogonal)."""
+        return self.permuted or self.kind == "orthogonal"
+
+    def _factors(self, tables, dtype) -> list:
+        if self.permuted:
+            return self._permuted_factors(tables, dtype)
+        return list(tables)
+
+    def forward_rows(self, tables: tuple, x: jax.Array, m: int) -> jax.Array:
+        """The first m coordinates of `forward(x)`. For a Kronecker mixer only the factor rows those
+        coordinates need are applied (`leading_rows`), smallest first: O(n + m Σ b_i) work instead of
+        O(n Σ b_i). (AFFD keeps its full second transform: with this one its compiled temporaries
+        grew from 5 to 6 D floats.)"""
+        if not self.kronecker:
+            return self.forward(tables, x)[..., :m]
+        factors, _ = leading_rows(self._factors(tables, x.dtype), m)
+        y = kron_apply_any_order(factors, x)[..., :m]
+        return y * jnp.asarray(1.0 / math.sqrt(self.n), x.dtype) if self.permuted else y
+
+    def transpose_rows(self, tables: tuple, w: jax.Array, m: int) -> jax.Array:
+        """`transpose` of a vector that is zero beyond its first m coordinates, given those m: the
+        adjoint of `forward_rows`."""
+        if not self.kronecker:
+            padded = jnp.zeros(w.shape[:-1] + (self.n,), w.dtype).at[..., :m].set(w)
+            return self.transpose(tables, padded)
+        factors, kept = leading_rows(self._factors(tables, w.dtype), m)
+        v = jnp.zeros(w.shape[:-1] + (kept,), w.dtype).at[..., :m].set(w) if kept > m else w
+        u = kron_apply_any_order([f.T for f in factors], v)
+        return u * jnp.asarray(1.0 / math.sqrt(self.n), w.dtype) if self.permuted else u
 
     def transpose(self, tables: tuple, x: jax.Array) -> jax.Array:
         if self.permuted:
