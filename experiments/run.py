@@ -187,6 +187,8 @@ def enable_compilation_cache() -> str | None:
         return None
     import jax
 
+    if jax.config.jax_compilation_cache_dir == folder:  # already set up by the caller (e.g. the tests)
+        return folder
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)

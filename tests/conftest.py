@@ -10,15 +10,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # JAX's persistent compilation cache for this session only, in a fresh folder removed at exit: a program
 # that an earlier test already compiled (the same computation and shapes behind another jax.jit object,
-# e.g. an experiment run twice to test resumption) is loaded instead of compiled again. Every program is
-# stored, however fast it compiled. Nothing is shared with other sessions: the runner's main() (which
-# enables its own cache) is pointed at the same folder instead of the user's ~/.cache.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix="gradsketch_tests_jax_cache_")
-atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
-os.environ.setdefault("GRADSKETCH_COMPILATION_CACHE", _COMPILATION_CACHE)
-jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# e.g. an experiment run twice to test resumption) is loaded instead of compiled again. Programs that
+# compile in under 0.3 s are not stored: writing thousands of small ones cost more than reloading them
+# saves (tests/landscape/test_lanczos.py: 62 s without the cache, 69 s storing every program, 63 s with
+# the 0.3 s threshold). GRADSKETCH_TEST_CACHE_MIN_COMPILE_S sets the threshold (negative: no cache).
+# Nothing is shared with other sessions: the runner's main() (which enables its own cache) is pointed
+# at the same folder instead of the user's ~/.cache.
+_MIN_COMPILE_S = float(os.environ.get("GRADSKETCH_TEST_CACHE_MIN_COMPILE_S", "0.3"))
+if _MIN_COMPILE_S >= 0:
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix="gradsketch_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+    os.environ.setdefault("GRADSKETCH_COMPILATION_CACHE", _COMPILATION_CACHE)
+    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_S)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+else:
+    os.environ.setdefault("GRADSKETCH_COMPILATION_CACHE", "off")
 
 
 @pytest.fixture
