@@ -48,6 +48,7 @@ method options), so a rerun with the same inputs reuses them and any change buil
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import math
 import os
@@ -212,6 +213,7 @@ class GradientScorer:
         self.loss = [lambda sel, batch, m=merge: per_example(m(sel), batch) for merge in self.merges]
         self.train, self.queries, self.rows = train, queries, rows
         self.cache_key = cache_key
+        self._fns = {}  # (arrays, checkpoint) -> its sketched-features function, built once
 
     def features(self, arrays: dict, rows: np.ndarray) -> np.ndarray:
         """(len(rows), C·m): [√η_c Φ ∇ℓ(z, θ_c)]_c, through `index.sketched_features_fn` per checkpoint,
@@ -220,8 +222,6 @@ class GradientScorer:
         rows = np.asarray(rows, np.int64)
         size = self.config.batch_size
         padded = np.concatenate([rows, np.full((-len(rows)) % size, rows[0] if len(rows) else 0, np.int64)])
-        if not hasattr(self, "_fns"):
-            self._fns = {}
         blocks = []
         for c, (sel, loss) in enumerate(zip(self.selected, self.loss)):
             key = (id(arrays), c)
@@ -544,7 +544,7 @@ def run(config, workdir: Workdir) -> dict:
             contrib = tokens.get((q, h["row"]))
             contrib = None if contrib is None else contrib[: len(pieces)]
             report_hits.append({**h, "html": html_report.token_spans(pieces, contrib)})
-        prompt_html = _query_html(user, query_records[q], task)
+        prompt_html = _query_html(query_records[q], task)
         report_queries.append({"id": qid, "prompt_html": prompt_html, "hits": report_hits})
     atomic_write_text(workdir.file("top_k.jsonl"), "\n".join(lines) + "\n")
     settings = {"method": config.method, "model": f"{user.source} ({user.model_type}, {task})",
@@ -585,9 +585,7 @@ def _token_sum_error(tokens: dict, top_rows: np.ndarray, top_scores: np.ndarray,
     return float(max(errors))
 
 
-def _query_html(user, record: dict, task: str) -> str:
-    import html
-
+def _query_html(record: dict, task: str) -> str:
     if task == "lm":
         return (f"<span class='prompt'>{html.escape(record['prompt'])}</span>"
                 f"<span class='completion'>{html.escape(record['completion'])}</span>")

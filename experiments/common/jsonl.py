@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
-
 __all__ = ["RecordError", "KINDS", "read_records", "write_records", "file_digest"]
 
 KINDS = {
@@ -97,7 +95,3 @@ def file_digest(path: str) -> str:
     from artifacts import file_sha256
 
     return file_sha256(path)
-
-
-def as_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
