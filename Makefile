@@ -17,8 +17,11 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# The suite is bound by single-threaded XLA compilation: one pytest worker per core, each test file on
+# one worker (its module fixtures are built once). TEST_WORKERS=1 runs every file in one worker.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q --durations=25 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 # The sketch benchmark's quick preset (prints the ratio table), then the end-to-end study.
 demo: install

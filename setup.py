@@ -26,7 +26,7 @@ setup(
         "scikit-learn>=1.3",      # the bundled digits data set
     ],
     extras_require={
-        "test": ["pytest>=8.0", "scipy>=1.11", "faiss-cpu>=1.7"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scipy>=1.11", "faiss-cpu>=1.7"],
         "bench": ["matfree>=0.6"],  # only for experiments/bench_lanczos.py (skipped without it)
         "ann": ["faiss-cpu>=1.7"],  # only for attribution/ann.py (approximate top-k)
     },

@@ -430,10 +430,11 @@ def _plot_outliers(summary: dict, config, workdir: Workdir) -> None:
             series[f"{name} (R > 20%)"] = (list(counts), [summary[f"{name}/C{c}/outliers"] for c in counts])
             series[f"{name} (gap)"] = (list(counts), [summary[f"{name}/C{c}/gap_outliers"] for c in counts])
     if series:
-        series["C (conjecture)"] = (sorted({c for name in config.studies for c in config[name].class_counts}),) * 2
+        counts = sorted({c for name in config.studies for c in config[name].class_counts})
         save_panel_grid(workdir.file("outliers_vs_classes.png"),
-                        [[Panel("outlier count vs number of classes", "classes C", "outliers", series,
-                                logx=False, logy=False, integer_y=True)]], panel_size=(7.0, 4.5))
+                        [[Panel("Outlier count vs number of classes", "classes C", "outliers", series,
+                                logx=False, logy=False, integer_y=True, dodge=True,
+                                references={"outliers = C (conjecture)": (counts, counts)})]], panel_size=(7.0, 4.5))
 
 
 def run(config, workdir: Workdir) -> dict:

@@ -33,28 +33,25 @@ import math
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import sketching  # noqa: E402
-from sketching.gradients import flatten_per_example  # noqa: E402
-from attribution import ekfac  # noqa: E402
-from attribution import query_batching as qb  # noqa: E402
-from attribution import retrain  # noqa: E402
-from attribution import tfidf  # noqa: E402
-from attribution.scorers import cosine_scores, trak_scores  # noqa: E402
-from attribution.evaluate import lds  # noqa: E402
-from attribution.index import params_hash  # noqa: E402
-from configs.influence_llm import TASKS  # noqa: E402
-from experiments.common import data as data_lib  # noqa: E402
-from experiments.common import models as models_lib  # noqa: E402
-from experiments.tasks import planted_lm  # noqa: E402
-from attribution.evaluate import first_relevant_ranks, retrieval_metrics  # noqa: E402
-from experiments.common.workdir import Workdir, atomic_write_npz, atomic_write_text  # noqa: E402
+import sketching
+from sketching.gradients import flatten_per_example
+from attribution import ekfac
+from attribution import query_batching as qb
+from attribution import retrain
+from attribution import tfidf
+from attribution.scorers import cosine_scores, trak_scores
+from attribution.evaluate import lds
+from attribution.index import params_hash
+from configs.influence_llm import TASKS
+from experiments.common import data as data_lib
+from experiments.common import models as models_lib
+from experiments.common import plots
+from experiments.tasks import planted_lm
+from attribution.evaluate import first_relevant_ranks, retrieval_metrics
+from experiments.common.workdir import Workdir, atomic_write_npz, atomic_write_text
 
 SKETCHES = ("qk", "afjl", "logra")
 
@@ -208,35 +205,46 @@ def _run_task(config, wd: Workdir, quiet: bool) -> tuple[dict, dict]:
 
 
 def _plots(path: str, summary: dict, extras: dict, config) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    for task, ex in extras.items():
-        sc = ex["ekfac"]
-        mags = np.sort(np.abs(sc), axis=1)[:, ::-1].mean(0)
-        axes[0].loglog(np.arange(1, len(mags) + 1), mags, label=task)
+    """Four panels: EK-FAC's heavy tail, query-batching error vs rank, TF-IDF recall vs candidates, and
+    planted-fact recall@10 per scorer (one bar group per task)."""
+    fig, axes = plots.figure(1, 4, size=(19, 4.6))
+    axes = axes[0]
+    tasks = list(extras)
+    for t, task in enumerate(tasks):
+        style = {"marker": plots.MARKERS[t], "linestyle": plots.LINESTYLES[t], "color": f"C{t}", "label": task}
+        mags = np.sort(np.abs(extras[task]["ekfac"]), axis=1)[:, ::-1].mean(0)
+        axes[0].plot(np.arange(1, len(mags) + 1), mags, **{**style, "marker": None})
         ranks = list(config.query_ranks)
-        axes[1].semilogy(ranks, [summary[f"{task}/ekfac/none/qb_rel_error@{k}"] for k in ranks], "o-", label=task)
+        axes[1].plot(ranks, [summary[f"{task}/ekfac/none/qb_rel_error@{k}"] for k in ranks], **style)
         ns = [N for N in config.tfidf_n if f"{task}/ekfac/none/tfidf_recall@{N}" in summary]
-        axes[2].plot(ns, [summary[f"{task}/ekfac/none/tfidf_recall@{N}"] for N in ns], "o-", label=task)
-    axes[0].set(xlabel="rank of document", ylabel="mean |EK-FAC influence|", title="heavy tail (log-log)")
-    axes[1].set(xlabel="query rank k", ylabel="rel. score error", title="query batching")
-    axes[2].set(xlabel="BM25 candidates N", ylabel="top-10 influence kept", title="TF-IDF filter", ylim=(0, 1.05))
-    names = ["ekfac/none", "kfac/none", "trak/dense", "grad_dot/none", "grad_cosine/none", "cosine/none"] + \
+        axes[2].plot(ns, [summary[f"{task}/ekfac/none/tfidf_recall@{N}"] for N in ns], **style)
+    axes[0].set(xscale="log", yscale="log", xlabel="rank of document", ylabel="mean |EK-FAC influence|",
+                title="Heavy tail (log-log)")
+    axes[1].set(yscale="log", xlabel="query rank k", ylabel="relative score error", title="Query batching")
+    axes[2].set(xscale="log", xlabel="BM25 candidates N", ylabel="share of the top-10 kept", title="TF-IDF filter",
+                ylim=(0, 1.05))
+    plots.integer_ticks(axes[1], "x")
+    names = _scorer_names(config)
+    width = 0.8 / max(1, len(tasks))
+    for t, task in enumerate(tasks):
+        axes[3].bar(np.arange(len(names)) + t * width, [summary[f"{task}/{nm}/recall@10"] for nm in names], width,
+                    label=task, color=f"C{t}")
+    axes[3].set_xticks(np.arange(len(names)) + width * (len(tasks) - 1) / 2, names, rotation=55, ha="right")
+    axes[3].set(ylabel="recall@10", title="Planted-fact retrieval", ylim=(0, 1.05))
+    axes[3].grid(False, axis="x")
+    for ax in axes[:3]:
+        plots.legend(ax)
+    plots.legend(axes[3], outside=True)
+    plots.save(fig, path)
+
+
+def _scorer_names(config) -> list[str]:
+    return ["ekfac/none", "kfac/none", "trak/dense", "grad_dot/none", "grad_cosine/none", "cosine/none"] + \
         [f"cosine/{s}" for s in config.sketches]
-    width = 0.8 / max(1, len(extras))
-    for t, task in enumerate(extras):
-        axes[3].bar(np.arange(len(names)) + t * width, [summary[f"{task}/{nm}/recall@10"] for nm in names], width, label=task)
-    axes[3].set_xticks(np.arange(len(names)) + width / 2, names, rotation=60, ha="right", fontsize=7)
-    axes[3].set(ylabel="recall@10", title="planted-fact retrieval")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _report(summary: dict, extras: dict, config) -> str:
-    names = ["ekfac/none", "kfac/none", "trak/dense", "grad_dot/none", "grad_cosine/none", "cosine/none"] + \
-        [f"cosine/{s}" for s in config.sketches]
+    names = _scorer_names(config)
     lines = ["# Influence on planted facts: EK-FAC vs TRAK vs gradient similarity", "",
              f"Tiny LM ({config.model.num_layers} layers, d={config.model.d_model}), {config.train.num_steps} steps. "
              f"EK-FAC on layers {list(config.ekfac.layers)}, labels={config.ekfac.labels}, damping "

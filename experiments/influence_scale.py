@@ -30,20 +30,17 @@ import math
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from attribution import ekfac  # noqa: E402
-from experiments.common import config_checks as checks  # noqa: E402
-from experiments.common import data as data_lib  # noqa: E402
-from experiments.common import models as models_lib  # noqa: E402
-from experiments.common import train as train_lib  # noqa: E402
-from experiments.common.tokenizers import WordTokenizer  # noqa: E402
-from experiments.common.workdir import Workdir, atomic_write_json, atomic_write_text  # noqa: E402
-from experiments.tasks import paraphrase_facts as pf  # noqa: E402
+from attribution import ekfac
+from experiments.common import config_checks as checks
+from experiments.common import data as data_lib
+from experiments.common import models as models_lib
+from experiments.common import plots
+from experiments.common import train as train_lib
+from experiments.common.tokenizers import WordTokenizer
+from experiments.common.workdir import Workdir, atomic_write_json, atomic_write_text
+from experiments.tasks import paraphrase_facts as pf
 
 _TOP = {"experiment", "seed", "quiet", "corpus", "sizes", "max_len", "train", "ekfac", "top_k", "tail_fraction"}
 _CORPUS = {"num_facts", "paraphrases", "decoys", "canonical", "bilingual_fraction", "num_other_language_facts",
@@ -192,50 +189,54 @@ def _layer(params, path):
 
 
 def _plot(path: str, rows: list[dict], config) -> None:
+    """The three scale curves against parameter count: paraphrases vs decoys, cross-language influence,
+    and the sparsity of influence (top-1% share, with the power-law exponent on a right axis)."""
     x = np.asarray([r["params"] for r in rows], np.float64)
     k = config.top_k
     available = {"canonical": config.corpus.canonical, "paraphrase": config.corpus.paraphrases,
                  "decoy": config.corpus.decoys}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.6))
+    fig, axes = plots.figure(1, 3, size=(17, 5.8))
+    axes = axes[0]
     ax = axes[0]
-    for kind, color in (("paraphrase", "tab:green"), ("decoy", "tab:red"), ("canonical", "tab:blue")):
-        ax.plot(x, [r[f"percentile/{kind}"] for r in rows], "o-", color=color, label=f"{kind}: mean percentile rank")
+    for kind, color, marker in (("paraphrase", "C2", "o"), ("decoy", "C3", "s"), ("canonical", "C0", "^")):
+        ax.plot(x, [r[f"percentile/{kind}"] for r in rows], marker=marker, color=color,
+                label=f"{kind}: mean percentile rank")
         if available[kind]:
-            ax.plot(x, [r[f"top{k}/{kind}"] / available[kind] for r in rows], "s--", color=color, alpha=0.6,
-                    label=f"{kind}: fraction in the top {k}")
-    ax.set_title("(a) paraphrases vs lexical decoys (EK-FAC)", fontsize=12)
-    ax.set_ylabel("percentile rank (1 = most influential) / fraction", fontsize=11)
+            ax.plot(x, [r[f"top{k}/{kind}"] / available[kind] for r in rows], marker=marker, color=color,
+                    linestyle="--", markerfacecolor="none", alpha=0.75, label=f"{kind}: fraction in the top {k}")
+    ax.set_title("(a) Paraphrases vs lexical decoys (EK-FAC)")
+    ax.set_ylabel("percentile rank (1 = most influential) / fraction")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax = axes[1]
-    ax.plot(x, [r["translation/percentile"] for r in rows], "o-", color="tab:purple",
+    ax.plot(x, [r["translation/percentile"] for r in rows], marker="o", color="C4",
             label="other-language statement of the same fact")
-    ax.plot(x, [r["translation/control_percentile"] for r in rows], "s--", color="gray",
+    ax.plot(x, [r["translation/control_percentile"] for r in rows], marker="s", linestyle="--", color="0.45",
             label="other-language statements of other facts")
-    ax.axhline(0.5, color="lightgray", lw=1)
+    plots.reference_line(ax, y=0.5, label="chance (0.5)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("(b) cross-language influence", fontsize=12)
-    ax.set_ylabel("mean percentile rank (1 = most influential)", fontsize=11)
-    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
+    ax.set_title("(b) Cross-language influence")
+    ax.set_ylabel("mean percentile rank (1 = most influential)")
     ax = axes[2]
-    ax.plot(x, [r["sparsity/top1pct_share"] for r in rows], "o-", color="tab:orange",
+    ax.plot(x, [r["sparsity/top1pct_share"] for r in rows], marker="o", color="C1",
             label=f"share of positive influence in the top 1% ({rows[0]['sparsity/top1pct_docs']} docs)")
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share (median over queries)", fontsize=11)
-    ax2 = ax.twinx()
-    ax2.plot(x, [r["sparsity/tail_alpha"] for r in rows], "s--", color="tab:brown", label="power-law α (right axis)")
-    ax2.set_ylabel("tail exponent α", fontsize=11)
-    ax.set_title("(c) sparsity of influence", fontsize=12)
+    ax.set_ylabel("share (median over queries)")
+    right = ax.twinx()
+    right.plot(x, [r["sparsity/tail_alpha"] for r in rows], marker="s", linestyle="--", color="C5",
+               label="power-law α (right axis)")
+    right.set_ylabel("tail exponent α")
+    right.grid(False)
+    right.spines["right"].set_visible(True)
+    ax.set_title("(c) Sparsity of influence")
     h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1)
+    h2, l2 = right.get_legend_handles_labels()
     for a in axes:
         a.set_xscale("log")
-        a.set_xlabel("parameters (log scale)", fontsize=11)
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        a.set_xlabel("parameters (log scale)")
+    for a, (handles, labels) in zip(axes, (axes[0].get_legend_handles_labels(), axes[1].get_legend_handles_labels(),
+                                          (h1 + h2, l1 + l2))):
+        a.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if len(labels) > 3 else 1)
+    plots.save(fig, path)
 
 
 def _report(rows: list[dict], corpus, config) -> str:

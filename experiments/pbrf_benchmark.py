@@ -41,25 +41,22 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import sketching  # noqa: E402
-import landscape  # noqa: E402
-from attribution import baselines, ekfac, lissa, pbrf, scorers  # noqa: E402
-from attribution.evaluate import spearman  # noqa: E402
-from attribution.index import params_hash  # noqa: E402
-from experiments.common import config_checks as checks  # noqa: E402
-from experiments.common import data as data_lib  # noqa: E402
-from experiments.common import models as models_lib  # noqa: E402
-from experiments.common import train as train_lib  # noqa: E402
-from experiments.common.workdir import Workdir, atomic_write_text  # noqa: E402
-from experiments.tasks import planted_lm  # noqa: E402
+import sketching
+import landscape
+from attribution import baselines, ekfac, lissa, pbrf, scorers
+from attribution.evaluate import spearman
+from attribution.index import params_hash
+from experiments.common import config_checks as checks
+from experiments.common import data as data_lib
+from experiments.common import models as models_lib
+from experiments.common import plots
+from experiments.common import train as train_lib
+from experiments.common.workdir import Workdir, atomic_write_text
+from experiments.tasks import planted_lm
 
 TASKS = ("digits_mlp", "facts_lm")
 METHODS = ("gnh_if", "exact_if", "lissa", "ekfac", "kfac", "ekfac_heuristic", "trak", "tracin", "grad_dot",
@@ -449,31 +446,28 @@ def _ekfac_fn(task: Task, fit: ekfac.EKFACFactors, cand: dict, lam: float, metho
 # ----------------------------------------------------------------------------------------------
 
 def _plot(path: str, summary: dict, config) -> None:
+    """Per task: each method's Pearson correlation with the PBRF against its wall time, the PBRF's own
+    cost as a reference line."""
     tasks = [t for t in config.tasks if f"{t}/num_params" in summary]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 5.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plots.figure(1, len(tasks), size=(6.8 * len(tasks), 5.2))
+    for ax, task in zip([axes] if len(tasks) == 1 else axes[0], tasks):
         methods = [m for m in config.methods if f"{task}/{m}/pearson" in summary]
         x = np.asarray([summary[f"{task}/{m}/seconds"] for m in methods])
         y = np.asarray([summary[f"{task}/{m}/pearson"] for m in methods])
-        ax.scatter(x, y, s=30, color="tab:blue")
+        ax.scatter(x, y, s=30, color="C0", zorder=3)
         placed: list[tuple[float, float]] = []
         for i in np.argsort(-y):  # a label close to an earlier one goes below its point
             near = any(abs(math.log10(x[i]) - a) < 0.6 and abs(y[i] - b) < 0.04 for a, b in placed)
             ax.annotate(methods[i], (x[i], y[i]), textcoords="offset points", xytext=(4, -12 if near else 3),
                         fontsize=9)
             placed.append((math.log10(x[i]), y[i]))
-        ax.axvline(summary[f"{task}/pbrf/seconds"], color="gray", ls="--", lw=1)
-        ax.text(summary[f"{task}/pbrf/seconds"], ax.get_ylim()[0], " PBRF cost", color="gray", fontsize=9,
-                va="bottom", rotation=90)
+        plots.reference_line(ax, x=summary[f"{task}/pbrf/seconds"], label="PBRF cost")
         ax.set_xscale("log")
-        ax.set_xlabel("wall seconds (log scale; shared gradients excluded)", fontsize=11)
-        ax.set_ylabel("Pearson correlation with the PBRF (mean over queries)", fontsize=11)
-        ax.set_title(f"{task} (D={summary[f'{task}/num_params']}, {summary[f'{task}/num_candidates']} candidates)",
-                     fontsize=12)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set_xlabel("wall seconds (log scale; shared gradients excluded)")
+        ax.set_ylabel("Pearson correlation with the PBRF")
+        ax.set_title(f"{task} (D = {summary[f'{task}/num_params']}, {summary[f'{task}/num_candidates']} candidates)")
+        plots.legend(ax)
+    plots.save(fig, path)
 
 
 def _reading(s: dict) -> list[str]:

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from attribution import simfluence as sf  # noqa: E402
-from experiments.common import config_checks as checks  # noqa: E402
-from experiments.common import data as data_lib  # noqa: E402
-from experiments.common import models as models_lib  # noqa: E402
-from experiments.common.workdir import Workdir, atomic_write_text  # noqa: E402
+from attribution import simfluence as sf
+from experiments.common import config_checks as checks
+from experiments.common import data as data_lib
+from experiments.common import models as models_lib
+from experiments.common import plots
+from experiments.common.workdir import Workdir, atomic_write_text
 
 
 def validate_config(config) -> None:
@@ -96,20 +93,7 @@ def run(config, workdir: Workdir) -> dict:
         wd.log(0, **{f"{variant}/{m}": v for m, v in ev.items()})
     summary["loss_variance_across_runs"] = float(np.mean(np.var(np.stack(losses)[:, 1:], axis=0)))
 
-    fig, axes = plt.subplots(2, (config.plot_examples + 1) // 2, figsize=(3 * ((config.plot_examples + 1) // 2), 5),
-                             squeeze=False)
-    for q, ax in enumerate(axes.flat[: min(config.plot_examples, config.num_test)]):
-        ax.plot(held_l[0][:, q], "k-", lw=1.5, label="actual")
-        for variant in config.variants:
-            ax.plot(preds[variant][0][:, q], "--", label=f"Simfluence-{variant}")
-        ax.set_title(f"test example {q}", fontsize=9)
-        ax.set_xlabel("step")
-    axes.flat[0].set_ylabel("loss")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("held-out run: simulated vs actual test-loss curves")
-    fig.tight_layout()
-    fig.savefig(wd.file("simfluence.png"), dpi=110)
-    plt.close(fig)
+    _plot_curves(wd.file("simfluence.png"), held_l[0], {v: preds[v][0] for v in config.variants}, config)
 
     lines = ["# Simfluence on digits", "",
              f"{config.model.name}, {config.num_train} training / {config.num_test} test examples, SGD lr "
@@ -124,3 +108,29 @@ def run(config, workdir: Workdir) -> dict:
               f"{summary['loss_variance_across_runs']:.3g}.", "", "![curves](simfluence.png)", ""]
     atomic_write_text(wd.file("report.md"), "\n".join(lines))
     return summary
+
+
+def _plot_curves(path: str, actual: np.ndarray, predicted: dict[str, np.ndarray], config) -> None:
+    """Actual vs simulated test-loss curves on one held-out run, one panel per test example (shared axes,
+    one legend beside the grid)."""
+    shown = min(config.plot_examples, config.num_test)
+    ncols = (shown + 1) // 2
+    fig, axes = plots.figure(2, ncols, size=(3.4 * ncols + 1.8, 5.6), sharex=True, sharey=True)
+    steps = np.arange(actual.shape[0])
+    for q, ax in enumerate(axes.flat):
+        if q >= shown:
+            ax.set_visible(False)
+            continue
+        ax.plot(steps, actual[:, q], color="black", linewidth=2.0, label="actual")
+        for k, (variant, curve) in enumerate(predicted.items()):
+            ax.plot(steps, curve[:, q], color=f"C{k}", linestyle=plots.LINESTYLES[k + 1],
+                    label=f"Simfluence-{variant}")
+        ax.set_title(f"test example {q}")
+        plots.integer_ticks(ax, "x")
+    for ax in axes[-1]:
+        ax.set_xlabel("training step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test loss")
+    plots.legend(axes.flat[ncols - 1], outside=True)
+    fig.suptitle("Held-out run: simulated vs actual test-loss curves")
+    plots.save(fig, path)

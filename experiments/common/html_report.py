@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from experiments.common import plots
+
 __all__ = ["token_spans", "render"]
 
 _STYLE = """
@@ -56,31 +58,27 @@ def token_spans(pieces: Sequence[str], contributions: Sequence[float] | None) ->
 
 def _svg_heavy_tail(scores: np.ndarray) -> str:
     """Inline SVG: mean over queries of the sorted |score| vs rank, log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     finite = [np.sort(np.abs(s[np.isfinite(s)]))[::-1] for s in scores]
     finite = [s for s in finite if s.size]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig, ax = plots.figure(size=(5.5, 3.2))
     if finite:
         n = min(len(s) for s in finite)
         curve = np.mean([s[:n] for s in finite], axis=0)
         positive = curve > 0
         ranks = np.arange(1, n + 1)
-        ax.loglog(ranks[positive], curve[positive], color="#333")
-        for s in finite[:20]:
+        for k, s in enumerate(finite[:20]):
             keep = s > 0
-            ax.loglog(np.arange(1, len(s) + 1)[keep], s[keep], color="#d62728", alpha=0.15, linewidth=0.8)
+            ax.plot(np.arange(1, len(s) + 1)[keep], s[keep], color="C3", alpha=0.15, linewidth=0.8,
+                    label="first 20 queries" if k == 0 else None)
+        ax.plot(ranks[positive], curve[positive], color="0.1", linewidth=1.8, label="mean over queries")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plots.legend(ax)
     ax.set_xlabel("rank of training sequence")
     ax.set_ylabel("|score|")
-    ax.set_title("heavy tail: mean over queries (black), first 20 queries (red)", fontsize=9)
-    ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
+    ax.set_title("Heavy tail of the scores")
     buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    plt.close(fig)
+    plots.save_to(fig, buffer, format="svg")
     svg = buffer.getvalue()
     return svg[svg.index("<svg"):]
 

@@ -83,6 +83,13 @@ def save(fig: Figure, path: str) -> str:
     return path
 
 
+def save_to(fig: Figure, stream, *, format: str) -> None:
+    """Lays the figure out and writes it to an open stream (e.g. an SVG inlined into an HTML page)."""
+    with matplotlib.rc_context(STYLE):
+        fig.tight_layout()
+        fig.savefig(stream, format=format)
+
+
 @dataclasses.dataclass
 class Panel:
     """One subplot: `series` maps a line label to (xs, ys). Non-positive or non-finite points are
@@ -93,6 +100,9 @@ class Panel:
     symmetric-log (linear below 1, log above), so training step 0 sits at 0 rather than being
     faked as step 1. `own_legend=True` gives the panel its own legend with sequential colours (for
     series such as one curve per checkpoint) instead of entries in the figure's shared legend.
+    `references` are drawn as thin grey dashed lines without markers (a conjecture such as y = x, a
+    paper's numbers), not as data series. `dodge` shifts each data series sideways by a small fraction
+    of the x spacing (linear x axes only), so series that coincide at the same x stay visible.
     """
 
     title: str
@@ -105,6 +115,8 @@ class Panel:
     step_axis: bool = False
     own_legend: bool = False
     integer_y: bool = False   # a count: integer tick labels only
+    references: Mapping[str, tuple[Sequence[float], Sequence[float]]] = dataclasses.field(default_factory=dict)
+    dodge: bool = False
 
 
 def _points(panel: Panel, xs: Sequence[float], ys: Sequence[float]) -> tuple[list[float], list[float]]:
@@ -117,6 +129,22 @@ def _points(panel: Panel, xs: Sequence[float], ys: Sequence[float]) -> tuple[lis
         and (not panel.step_axis or float(x) >= 0)
     ]
     return [x for x, _ in kept], [y for _, y in kept]
+
+
+def _all_integers(values) -> bool:
+    values = [float(v) for v in values]
+    return bool(values) and all(math.isfinite(v) and v == round(v) for v in values)
+
+
+def _dodge_offsets(panel: Panel) -> dict[str, float]:
+    """x offsets for `Panel.dodge`: series spread symmetrically over ±8% of the smallest x spacing."""
+    if not panel.dodge or panel.logx or panel.step_axis or len(panel.series) < 2:
+        return {}
+    xs = sorted({float(x) for values, _ in panel.series.values() for x in values})
+    spacing = min((b - a for a, b in zip(xs, xs[1:])), default=1.0)
+    labels = list(panel.series)
+    width = 0.16 * spacing
+    return {label: width * (k / (len(labels) - 1) - 0.5) for k, label in enumerate(labels)}
 
 
 def save_panel_grid(
@@ -151,10 +179,12 @@ def save_panel_grid(
             ax = axes[i][j]
             own = list(panel.series) if panel.own_legend else []
             cmap = matplotlib.colormaps["viridis"]
+            offsets = _dodge_offsets(panel)
             for label, (xs, ys) in panel.series.items():
                 px, py = _points(panel, xs, ys)
                 if not px:
                     continue
+                px = [x + offsets.get(label, 0.0) for x in px]
                 if panel.own_legend:
                     k = own.index(label)
                     ax.plot(px, py, marker=MARKERS[k % len(MARKERS)], color=cmap(k / max(len(own) - 1, 1) * 0.9),
@@ -163,6 +193,13 @@ def save_panel_grid(
                     (line,) = ax.plot(px, py, marker=markers[label], color=colors[label], label=label,
                                       linestyle=styles[label], linewidth=1.5, markersize=5, alpha=0.85)
                     handles.setdefault(label, line)
+            for k, (label, (xs, ys)) in enumerate(panel.references.items()):
+                px, py = _points(panel, xs, ys)
+                (line,) = ax.plot(px, py, color="0.35", linestyle=LINESTYLES[(k + 1) % len(LINESTYLES)],
+                                  linewidth=1.0, label=label, zorder=1)
+                handles.setdefault(label, line)
+                if label not in labels:
+                    labels.append(label)
             if panel.own_legend and own:
                 ax.legend(fontsize=8, ncol=2 if len(own) > 5 else 1, loc="best")
             if panel.step_axis:
@@ -174,6 +211,8 @@ def save_panel_grid(
                 ax.set_yscale("log")
             if panel.integer_y:
                 integer_ticks(ax, "y")
+            if not panel.logx and _all_integers(x for xs, _ in panel.series.values() for x in xs):
+                integer_ticks(ax, "x")
             ax.set_title(panel.title)
             ax.set_xlabel(panel.xlabel)
             ax.set_ylabel(panel.ylabel)
