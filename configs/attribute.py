@@ -15,7 +15,7 @@ import ml_collections
 PRESETS = {
     "": "your model folder and JSONL files, given with --config.model.path / --config.data.* "
         "(≈ 1 min for the example's 64 sequences; grows linearly with their number)",
-    "example": "EK-FAC on the shipped example files in runs/example (≈ 1 min)",
+    "example": "EK-FAC on the shipped example files in runs/example (≈ 10 s)",
 }
 EXAMPLE_DIR = "runs/example"
 

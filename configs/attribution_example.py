@@ -11,8 +11,8 @@ writes, under the workdir, `data/train.jsonl` ({"id", "text"}), `data/queries.js
 import ml_collections
 
 PRESETS = {
-    "": "write planted-facts JSONL files and train a tiny GPT-2 (Flax) on them (≈ 1 min)",
-    "quick": "fewer facts and steps (≈ 30 s)",
+    "": "write planted-facts JSONL files and train a tiny GPT-2 (Flax) on them (≈ 10 s)",
+    "quick": "fewer facts and steps (≈ 10 s)",
 }
 
 

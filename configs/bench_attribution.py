@@ -22,8 +22,8 @@ import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores, shared).
 PRESETS = {
-    "": "EK-FAC on 10^4 digits, MiniLM index build at m = 4096, top-k and FAISS over 10^6 rows × 1024 (≈ 6 min; 2 GB on disk, 5 GB RAM)",
-    "quick": "the same sections, 10^5 rows × 1024, 16 MiniLM sequences (≈ 3 min)",
+    "": "EK-FAC on 10^4 digits, MiniLM index build at m = 4096, top-k and FAISS over 10^6 rows × 1024 (≈ 3.5 min; 2 GB on disk, 5 GB RAM)",
+    "quick": "the same sections, 10^5 rows × 1024, 16 MiniLM sequences (≈ 1 min)",
 }
 
 SECTIONS = ("ekfac", "index_build", "top_k", "ann")

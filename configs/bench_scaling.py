@@ -19,8 +19,8 @@ import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "sharded sketched per-example gradients vs 1/2/4/8 devices, MLP width 256, 512 examples (≈ 3 min)",
-    "quick": "the same at width 128, 256 examples, fewer repeats (≈ 1 min)",
+    "": "sharded sketched per-example gradients vs 1/2/4/8 devices, MLP width 256, 512 examples (≈ 50 s)",
+    "quick": "the same at width 128, 256 examples, fewer repeats (≈ 20 s)",
 }
 
 

@@ -21,7 +21,7 @@ import ml_collections
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
     "": "wall time and memory of every sketch, D = 2^16 … 2^24, m ∈ {256, 1024, 4096} (≈ 60 min; dense is O(mD))",
-    "quick": "D ∈ {2^16, 2^18, 2^20}, m ∈ {256, 1024}, every sketch (≈ 2 min)",
+    "quick": "D ∈ {2^16, 2^18, 2^20}, m ∈ {256, 1024}, every sketch (≈ 50 s)",
 }
 
 

@@ -12,8 +12,8 @@ from configs import train_lm
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "train the tiny LM on planted facts, retrieve each fact's documents by sketched gradient cosine (≈ 5 min)",
-    "quick": "16 planted facts, fewer timing repeats (≈ 1 min)",
+    "": "train the tiny LM on planted facts, retrieve each fact's documents by sketched gradient cosine (≈ 1.5 min)",
+    "quick": "16 planted facts, fewer timing repeats (≈ 40 s)",
 }
 
 

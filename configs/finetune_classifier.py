@@ -11,8 +11,8 @@ import ml_collections
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
     "": "fine-tune all-MiniLM-L6-v2 + head on the 4-class generated text set, 300 steps (≈ 15 min)",
-    "quick": "MiniLM, 16 steps on short inputs (≈ 1 min)",
-    "digits": "an MLP on scikit-learn's digits (--config.model.name=logreg|cnn for the others) (≈ 1 min)",
+    "quick": "MiniLM, 16 steps on short inputs (≈ 20 s)",
+    "digits": "an MLP on scikit-learn's digits (--config.model.name=logreg|cnn for the others) (≈ 10 s)",
 }
 
 

@@ -17,8 +17,8 @@ import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "the trailing-'.' gradient-similarity pitfall on the tiny LM: decompositions and remedies (≈ 3 min)",
-    "quick": "a smaller model and corpus (≈ 1 min)",
+    "": "the trailing-'.' gradient-similarity pitfall on the tiny LM: decompositions and remedies (≈ 1.5 min)",
+    "quick": "a smaller model and corpus (≈ 50 s)",
 }
 
 

@@ -16,7 +16,7 @@ TASKS = {"facts_lm": "forward", "facts_lm_reversed": "reversed"}
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
     "": "EK-FAC / K-FAC / TRAK / gradient similarity on the planted-facts LM, both word orders, LDS (≈ 25 min)",
-    "quick": "smaller corpus and fewer LDS subsets (≈ 10 min)",
+    "quick": "smaller corpus and fewer LDS subsets (≈ 1.5 min)",
 }
 
 

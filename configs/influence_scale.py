@@ -10,8 +10,8 @@ import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: the shared 2-core CPU machine, loaded).
 PRESETS = {
-    "": "4 model sizes (8.6k-0.4M parameters), larger corpus, 800 steps (≈ 10 min)",
-    "quick": "3 model sizes (8.6k-121k parameters), 24 facts, 500 steps (≈ 7 min)",
+    "": "4 model sizes (8.6k-0.4M parameters), larger corpus, 800 steps (≈ 2.5 min)",
+    "quick": "3 model sizes (8.6k-121k parameters), 24 facts, 500 steps (≈ 1 min)",
 }
 
 

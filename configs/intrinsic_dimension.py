@@ -13,8 +13,8 @@ from configs import finetune_classifier
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "planted + digits MLP + CNN, doubling search for all five sketches (≈ 6 min on idle cores)",
-    "quick": "planted k = 16, dense/affd/qk, doubling + binary + single-run searches (≈ 4 min on loaded cores)",
+    "": "planted + digits MLP + CNN, doubling search for all five sketches (≈ 4 min)",
+    "quick": "planted k = 16, dense/affd/qk, doubling + binary + single-run searches (≈ 1.5 min)",
     "planted": "planted k = 64, five sketches, doubling + single-run searches (≈ 15 min on loaded cores)",
     "digits": "digits MLP and CNN, affd and qk, doubling + single-run searches (≈ 16 min on loaded cores)",
     "minilm": "all-MiniLM-L6-v2 on the generated 4-class text set, qk, single-run search + D*/2 verification (≈ 35 min on loaded cores)",

@@ -9,7 +9,7 @@ import ml_collections
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
     "": "every table at the largest CPU scale: MiniLM last two layers + tiny LM, m up to 2^16 (≈ 1 h)",
-    "quick": "every table on small grids: tiny LM, MiniLM's last layer, small timing grids (≈ 10 min idle CPU)",
+    "quick": "every table on small grids: tiny LM, MiniLM's last layer, small timing grids (≈ 11 min)",
 }
 
 

@@ -21,7 +21,7 @@ METHODS = ("gnh_if", "exact_if", "lissa", "ekfac", "kfac", "ekfac_heuristic", "t
 # One line per preset for `python -m experiments.run --list` (times: the shared 2-core CPU machine, loaded).
 PRESETS = {
     "": "every method vs the PBRF on the digits MLP and the tiny LM, with costs (not timed; expected > 60 min)",
-    "quick": "smaller digits set, 40 / 24 PBRF candidates, shorter solves (≈ 20 min)",
+    "quick": "smaller digits set, 40 / 24 PBRF candidates, shorter solves (≈ 3.5 min)",
 }
 
 

@@ -11,8 +11,8 @@ import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "Simfluence-Linear/Additive on digits classifiers trained on random curricula (≈ 5 min)",
-    "quick": "fewer runs and steps (≈ 1 min)",
+    "": "Simfluence-Linear/Additive on digits classifiers trained on random curricula (≈ 10 s)",
+    "quick": "fewer runs and steps (≈ 10 s)",
 }
 
 

@@ -21,7 +21,7 @@ SKETCHES = ("dense", "sjlt", "fjl", "ffd", "affd", "afjl", "qk")
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
     "": "every scorer × sketch × m on digits logreg/MLP and the planted-facts LM, LDS/LOO/brittleness (≈ 40 min)",
-    "quick": "smaller tasks and grids (≈ 6 min)",
+    "quick": "smaller tasks and grids (≈ 4 min)",
 }
 
 

@@ -218,12 +218,15 @@ def _plots(path: str, summary: dict, extras: dict, config) -> None:
         axes[1].plot(ranks, [summary[f"{task}/ekfac/none/qb_rel_error@{k}"] for k in ranks], **style)
         ns = [N for N in config.tfidf_n if f"{task}/ekfac/none/tfidf_recall@{N}" in summary]
         axes[2].plot(ns, [summary[f"{task}/ekfac/none/tfidf_recall@{N}"] for N in ns], **style)
-    axes[0].set(xscale="log", yscale="log", xlabel="rank of document", ylabel="mean |EK-FAC influence|",
-                title="Heavy tail (log-log)")
-    axes[1].set(yscale="log", xlabel="query rank k", ylabel="relative score error", title="Query batching")
-    axes[2].set(xscale="log", xlabel="BM25 candidates N", ylabel="share of the top-10 kept", title="TF-IDF filter",
-                ylim=(0, 1.05))
-    plots.integer_ticks(axes[1], "x")
+    axes[0].set(xlabel="rank of document", ylabel="mean |EK-FAC influence|", title="Heavy tail (log-log)")
+    plots.log_scale(axes[0], "x")
+    plots.log_scale(axes[0], "y")
+    axes[1].set(xlabel="query rank k", ylabel="relative score error", title="Query batching")
+    plots.log_scale(axes[1], "x", base=2, ticks=list(config.query_ranks))
+    plots.log_scale(axes[1], "y")
+    axes[2].set(xlabel="BM25 candidates N", ylabel="share of the top-10 kept", title="TF-IDF filter", ylim=(0, 1.05))
+    plots.log_scale(axes[2], "x", ticks=[N for N in config.tfidf_n
+                                         if any(f"{task}/ekfac/none/tfidf_recall@{N}" in summary for task in tasks)])
     names = _scorer_names(config)
     width = 0.8 / max(1, len(tasks))
     for t, task in enumerate(tasks):

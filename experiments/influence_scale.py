@@ -203,7 +203,8 @@ def _plot(path: str, rows: list[dict], config) -> None:
                 label=f"{kind}: mean percentile rank")
         if available[kind]:
             ax.plot(x, [r[f"top{k}/{kind}"] / available[kind] for r in rows], marker=marker, color=color,
-                    linestyle="--", markerfacecolor="none", alpha=0.75, label=f"{kind}: fraction in the top {k}")
+                    linestyle="--", markerfacecolor="none", markersize=9, alpha=0.75,  # rings a coinciding point
+                    label=f"{kind}: fraction in the top {k}")
     ax.set_title("(a) Paraphrases vs lexical decoys (EK-FAC)")
     ax.set_ylabel("percentile rank (1 = most influential) / fraction")
     ax.set_ylim(-0.02, 1.02)
@@ -235,7 +236,8 @@ def _plot(path: str, rows: list[dict], config) -> None:
         a.set_xlabel("parameters (log scale)")
     for a, (handles, labels) in zip(axes, (axes[0].get_legend_handles_labels(), axes[1].get_legend_handles_labels(),
                                           (h1 + h2, l1 + l2))):
-        a.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if len(labels) > 3 else 1)
+        a.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if len(labels) > 3 else 1,
+                 frameon=False)
     plots.save(fig, path)
 
 

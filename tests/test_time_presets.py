@@ -55,3 +55,12 @@ def test_apply_rewrites_the_config_and_the_doc(tmp_path, monkeypatch):
         "small grids (≈ 10 min idle CPU)", "small grids (≈ 4 min)")
     doc = (tmp_path / "docs" / "preset_times.md").read_text(encoding="utf-8")
     assert "| `configs/toy.py:quick` | 4.2 min | 0 | 0.10 → 1.00 |" in doc and "2 CPU cores" in doc
+
+
+def test_stated_seconds_and_the_default_order():
+    assert time_presets.stated_seconds("small grids (≈ 10 min idle CPU)") == 600
+    assert time_presets.stated_seconds("16 facts (≈ 10 s)") == 10
+    assert time_presets.stated_seconds("not timed") == float("inf")
+    stated = {(f"{p}:{s}" if s else p): time_presets.stated_seconds(d) for p, s, d in preset_table()}
+    order = [stated[spec] for spec in time_presets.default_specs()]
+    assert order == sorted(order)

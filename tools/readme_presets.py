@@ -15,7 +15,8 @@ END = "<!-- presets:end -->"
 
 
 def table_markdown() -> str:
-    lines = ["| command | what it runs (expected time on 2 CPU cores) |", "|---|---|"]
+    lines = ["| command | what it runs (time on 2 CPU cores: measured, see docs/preset_times.md, or estimated) |",
+             "|---|---|"]
     for path, preset, description in preset_table():
         spec = f"{path}:{preset}" if preset else path
         lines.append(f"| `--config {spec}` | {description} |")

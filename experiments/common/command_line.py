@@ -179,7 +179,9 @@ def preset_table() -> list[tuple[str, str, str]]:
 
 
 def format_preset_table(rows: Sequence[tuple[str, str, str]]) -> str:
-    lines = ["configs and presets (run one with --config PATH[:PRESET]; times: 2 CPU cores):", ""]
+    lines = ["configs and presets (run one with --config PATH[:PRESET]); times on 2 CPU cores, measured for the",
+             "quick and small presets (docs/preset_times.md: one run each, first-time compilation included),",
+             "estimated for the others:", ""]
     width = max(len(f"{path}:{preset}" if preset else path) for path, preset, _ in rows)
     for path, preset, description in rows:
         name = f"{path}:{preset}" if preset else path

@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)))
@@ -56,6 +56,16 @@ def integer_ticks(ax, which: str = "x") -> None:
     """Only integer tick labels on an axis that counts things (k, rank, step, class count)."""
     for name in which:
         getattr(ax, f"{name}axis").set_major_locator(MaxNLocator(integer=True))
+
+
+def log_scale(ax, which: str = "x", *, base: int = 10, ticks: Sequence[float] | None = None) -> None:
+    """A log axis without crowded minor-tick labels; `ticks` puts plain labels at those values (e.g. the
+    N of a sweep) instead of powers of the base."""
+    axis = getattr(ax, f"{which}axis")
+    getattr(ax, f"set_{which}scale")("log", base=base)
+    axis.set_minor_formatter(NullFormatter())
+    if ticks is not None:
+        getattr(ax, f"set_{which}ticks")(list(ticks), [f"{t:g}" for t in ticks])
 
 
 def reference_line(ax, *, y: float | None = None, x: float | None = None, label: str | None = None,

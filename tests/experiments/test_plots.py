@@ -71,3 +71,12 @@ def test_reference_line_takes_exactly_one_coordinate():
     fig, ax = plots.figure()
     with pytest.raises(ValueError, match="exactly one of y= or x="):
         plots.reference_line(ax, y=1.0, x=2.0)
+
+
+def test_log_scale_labels_the_given_ticks_plainly_and_hides_minor_labels():
+    fig, ax = plots.figure()
+    ax.plot([2, 5, 10, 20], [0.1, 0.2, 0.3, 0.4])
+    plots.log_scale(ax, "x", ticks=[2, 5, 10, 20])
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "5", "10", "20"]
+    assert type(ax.xaxis.get_minor_formatter()).__name__ == "NullFormatter"
