@@ -229,13 +229,14 @@ def _plot(path: str, rows: list[dict], config) -> None:
     right.grid(False)
     right.spines["right"].set_visible(True)
     ax.set_title("(c) Sparsity of influence")
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = right.get_legend_handles_labels()
     for a in axes:
         a.set_xscale("log")
         a.set_xlabel("parameters (log scale)")
-    for a, (handles, labels) in zip(axes, (axes[0].get_legend_handles_labels(), axes[1].get_legend_handles_labels(),
-                                          (h1 + h2, l1 + l2))):
+    for a, extra in ((axes[0], None), (axes[1], None), (axes[2], right)):  # legends below the panels
+        handles, labels = a.get_legend_handles_labels()
+        if extra is not None:  # panel (c): its right-axis series too
+            more_handles, more_labels = extra.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
         a.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2 if len(labels) > 3 else 1,
                  frameon=False)
     plots.save(fig, path)

@@ -40,7 +40,7 @@ import warnings
 import artifacts
 import experiments
 from experiments.common.command_line import (UsageError, apply_override, format_preset_table, load_config,
-                                             preset_table)
+                                             preset_spec, preset_table)
 from experiments.common.config_checks import ConfigError
 from experiments.common.jsonl import RecordError
 from experiments.common.train import TrainingDivergedError
@@ -218,7 +218,7 @@ def _parser() -> argparse.ArgumentParser:
                     "with --config.FIELD=VALUE (nested: --config.train.num_steps=100). Compiled programs are "
                     f"cached in ~/.cache/gradsketch/jax ({COMPILATION_CACHE_ENV}=DIR or =off to change).",
         epilog="Configs and presets:\n" + "\n".join(
-            f"  {path}{':' + preset if preset else ''}  {desc}" for path, preset, desc in _safe_table()),
+            f"  {preset_spec(path, preset)}  {desc}" for path, preset, desc in _safe_table()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a config file, optionally with a preset: configs/NAME.py[:PRESET]")
     parser.add_argument("--workdir", help="the run's output folder (created if missing)")

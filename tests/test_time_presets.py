@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from experiments.common.command_line import preset_table
+from experiments.common.command_line import preset_spec, preset_table
 from tools import time_presets
 
 
@@ -27,7 +27,7 @@ def test_every_measured_presets_entry_can_be_rewritten_in_its_config_file():
     measured = set(time_presets.default_specs())
     assert {"configs/demo.py:quick", "configs/attribute.py:example", "configs/pbrf_benchmark.py:quick"} <= measured
     for path, preset, description in preset_table():
-        if (f"{path}:{preset}" if preset else path) not in measured:
+        if preset_spec(path, preset) not in measured:
             continue
         with open(os.path.join(time_presets.ROOT, path), encoding="utf-8") as f:
             source = f.read()
@@ -61,6 +61,6 @@ def test_stated_seconds_and_the_default_order():
     assert time_presets.stated_seconds("small grids (≈ 10 min idle CPU)") == 600
     assert time_presets.stated_seconds("16 facts (≈ 10 s)") == 10
     assert time_presets.stated_seconds("not timed") == float("inf")
-    stated = {(f"{p}:{s}" if s else p): time_presets.stated_seconds(d) for p, s, d in preset_table()}
+    stated = {preset_spec(p, s): time_presets.stated_seconds(d) for p, s, d in preset_table()}
     order = [stated[spec] for spec in time_presets.default_specs()]
     assert order == sorted(order)

@@ -30,13 +30,14 @@ import sys
 import tempfile
 import time
 
-from experiments.common.command_line import preset_table
+from configs.attribute import EXAMPLE_DIR
+from experiments.common.command_line import preset_spec, preset_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "preset_times.md")
-# Presets that another preset reads (attribute.py:example reads the files attribution_example.py writes to
-# runs/example) are measured first, in the same scratch folder.
-PREREQUISITES = {"configs/attribute.py:example": "configs/attribution_example.py"}
+# A preset that reads another's outputs, and that other preset with the workdir it must write: measured
+# first, in the same scratch folder (attribute.py:example reads what attribution_example.py writes).
+PREREQUISITES = {"configs/attribute.py:example": ("configs/attribution_example.py", EXAMPLE_DIR)}
 _TIME = re.compile(r"≈ [^;)]*")
 
 
@@ -45,7 +46,7 @@ def default_specs() -> list[str]:
     shortest stated time first (an interrupted measurement then holds the most presets)."""
     extra = ["configs/attribution_example.py", "configs/attribute.py:example", "configs/train_lm.py",
              "configs/finetune_classifier.py:digits", "configs/hessian_spectrum.py:memory"]
-    rows = [(f"{path}:{preset}" if preset else path, description) for path, preset, description in preset_table()]
+    rows = [(preset_spec(path, preset), description) for path, preset, description in preset_table()]
     chosen = [(spec, description) for spec, description in rows if spec in extra or "quick" in spec.split(":")[-1]]
     return [spec for spec, description in sorted(chosen, key=lambda row: stated_seconds(row[1]))]
 
@@ -78,21 +79,18 @@ def measure(specs: list[str], out: str, timeout_s: float, keep: str | None = Non
     scratch = os.path.abspath(keep) if keep else tempfile.mkdtemp(prefix="gradsketch_preset_times_")
     os.makedirs(scratch, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
-    ordered: list[str] = []
+    workdirs: dict[str, str] = {}  # spec -> workdir, in the order the specs run
     for spec in specs:
-        needed = PREREQUISITES.get(spec)
-        if needed and needed not in ordered:
-            ordered.append(needed)
-        if spec not in ordered:
-            ordered.append(spec)
+        if spec in PREREQUISITES:
+            needed, needed_workdir = PREREQUISITES[spec]
+            workdirs.setdefault(needed, needed_workdir)
+        workdirs.setdefault(spec, os.path.join("runs", re.sub(r"[^A-Za-z0-9]+", "_", spec)))
     try:
-        for spec in ordered:
+        for spec, workdir in workdirs.items():
             path, _, preset = spec.partition(":")
-            workdir = "runs/example" if spec == PREREQUISITES.get("configs/attribute.py:example") else \
-                os.path.join("runs", re.sub(r"[^A-Za-z0-9]+", "_", spec))
-            cache = os.path.join(scratch, "jax_cache_" + re.sub(r"[^A-Za-z0-9]+", "_", spec))
+            cache = os.path.join(scratch, "jax_cache", workdir)
             command = [sys.executable, "-m", "experiments.run", "--config",
-                       os.path.join(ROOT, path) + (f":{preset}" if preset else ""), "--workdir", workdir]
+                       preset_spec(os.path.join(ROOT, path), preset), "--workdir", workdir]
             load_before = _load()
             start = time.perf_counter()
             try:
@@ -152,7 +150,7 @@ def read_records(path: str) -> dict[str, dict]:
 
 def apply(path: str) -> None:
     records = read_records(path)
-    descriptions = {(f"{p}:{s}" if s else p): d for p, s, d in preset_table()}
+    descriptions = {preset_spec(p, s): d for p, s, d in preset_table()}
     for spec, record in records.items():
         if record["exit_code"] != 0:
             print(f"{spec}: not applied (exit code {record['exit_code']})")

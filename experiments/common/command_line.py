@@ -162,6 +162,11 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
         node, where = node[part], f"{where}.{part}"
 
 
+def preset_spec(path: str, preset: str) -> str:
+    """The --config argument naming a config file's preset: PATH, or PATH:PRESET."""
+    return f"{path}:{preset}" if preset else path
+
+
 def preset_table() -> list[tuple[str, str, str]]:
     """(config path, preset, description) for every config and preset, for `--list`."""
     rows = []
@@ -182,8 +187,8 @@ def format_preset_table(rows: Sequence[tuple[str, str, str]]) -> str:
     lines = ["configs and presets (run one with --config PATH[:PRESET]); times on 2 CPU cores, measured for the",
              "quick and small presets (docs/preset_times.md: one run each, first-time compilation included),",
              "estimated for the others:", ""]
-    width = max(len(f"{path}:{preset}" if preset else path) for path, preset, _ in rows)
+    width = max(len(preset_spec(path, preset)) for path, preset, _ in rows)
     for path, preset, description in rows:
-        name = f"{path}:{preset}" if preset else path
+        name = preset_spec(path, preset)
         lines.append(f"  {name:<{width}}  {description}")
     return "\n".join(lines)

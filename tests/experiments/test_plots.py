@@ -18,8 +18,8 @@ def test_every_experiment_draws_through_the_style_module():
     assert not offenders, f"use experiments.common.plots instead of pyplot in {offenders}"
 
 
-def _draw(tmp_path, panel: Panel):
-    """Draws one panel and returns its Axes (captured before the figure is saved)."""
+def _draw(tmp_path, monkeypatch, panel: Panel):
+    """Draws one panel and returns its Axes (captured from plots.figure as the grid makes it)."""
     captured = {}
     original = plots.figure
 
@@ -28,18 +28,15 @@ def _draw(tmp_path, panel: Panel):
         captured["ax"] = axes
         return fig, axes
 
-    plots.figure = spy
-    try:
-        path = save_panel_grid(str(tmp_path / "panel.png"), [[panel]])
-    finally:
-        plots.figure = original
+    monkeypatch.setattr(plots, "figure", spy)
+    path = save_panel_grid(str(tmp_path / "panel.png"), [[panel]])
     assert matplotlib.image.imread(path).shape[0] > 100
     return captured["ax"]
 
 
-def test_references_are_unmarked_grey_lines_in_the_legend(tmp_path):
+def test_references_are_unmarked_grey_lines_in_the_legend(tmp_path, monkeypatch):
     counts = [2, 4, 6, 10]
-    ax = _draw(tmp_path, Panel("outliers", "classes C", "outliers", {"measured": (counts, [2, 4, 5, 9])},
+    ax = _draw(tmp_path, monkeypatch, Panel("outliers", "classes C", "outliers", {"measured": (counts, [2, 4, 5, 9])},
                                logx=False, logy=False, references={"outliers = C": (counts, counts)}))
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert lines["measured"].get_marker() not in (None, "None", "")
@@ -50,9 +47,9 @@ def test_references_are_unmarked_grey_lines_in_the_legend(tmp_path):
     assert legend_texts == ["measured", "outliers = C"]
 
 
-def test_dodge_separates_coinciding_series_symmetrically_and_slightly(tmp_path):
+def test_dodge_separates_coinciding_series_symmetrically_and_slightly(tmp_path, monkeypatch):
     xs, ys = [2, 4, 6], [1, 2, 3]
-    ax = _draw(tmp_path, Panel("t", "C", "n", {"a": (xs, ys), "b": (xs, ys), "c": (xs, ys)},
+    ax = _draw(tmp_path, monkeypatch, Panel("t", "C", "n", {"a": (xs, ys), "b": (xs, ys), "c": (xs, ys)},
                                logx=False, logy=False, dodge=True))
     shift = {line.get_label(): [x - x0 for x, x0 in zip(line.get_xdata(), xs)] for line in ax.get_lines()}
     assert shift["a"] == pytest.approx([-0.16] * 3) and shift["b"] == pytest.approx([0.0] * 3)
@@ -60,8 +57,8 @@ def test_dodge_separates_coinciding_series_symmetrically_and_slightly(tmp_path):
     assert all(tick == round(tick) for tick in ax.get_xticks())  # integer x values: integer ticks
 
 
-def test_log_axes_drop_non_positive_points_and_keep_the_rest(tmp_path):
-    ax = _draw(tmp_path, Panel("t", "D", "ms", {"a": ([1, 2, 4, 8], [0.0, 1.0, float("nan"), 3.0])}))
+def test_log_axes_drop_non_positive_points_and_keep_the_rest(tmp_path, monkeypatch):
+    ax = _draw(tmp_path, monkeypatch, Panel("t", "D", "ms", {"a": ([1, 2, 4, 8], [0.0, 1.0, float("nan"), 3.0])}))
     (line,) = ax.get_lines()
     assert list(line.get_xdata()) == [2, 8] and list(line.get_ydata()) == [1.0, 3.0]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
