@@ -12,8 +12,8 @@ planted facts `facts_lm`):
 2. Ground truth: the PBRF influence S(f_q, z_m) = −d f_q(θˢ(ε))/dε of `pbrf.num_candidates` training
    examples on the query losses f_q (`num_queries` held-out points / planted-fact queries), solved per
    example for ±ε (attribution/pbrf.py; heavy-ball SGD warm-started at θˢ with learning rate
-   `lr_factor`/(λ_max(G) + λ), settings per task in `pbrf.<task>`; the LM's Bregman term on
-   mini-batches shared by ±ε), stored per example in the workdir (a rerun resumes). One damping
+   `lr_factor`/(λ_max(G) + λ), settings per task in `pbrf.<task>`; full-batch Bregman terms by
+   default), stored per example in the workdir (a rerun resumes). One damping
    λ = `damping` × λ_max(G) (G the Gauss–Newton matrix of the mean training loss, top eigenvalue by
    power iteration) is used by the PBRF and by every damped method.
 3. Methods, scored on the same (query, candidate) pairs, each timed (wall seconds on top of the shared
@@ -28,8 +28,15 @@ planted facts `facts_lm`):
 4. Metrics: per query the Pearson and Spearman correlation with the PBRF over the candidates, averaged
    over queries (G23 App. C averages Pearson over 10 test points). The PBRF solves' relative
    residuals are reported, and gnh_if vs PBRF checks that the solves converged.
-Writes summary.json (`<task>/<method>/{pearson,spearman,seconds}`, `<task>/pbrf/...`), report.md and
-pbrf_benchmark.png.
+5. Beside the PBRF, the retraining ground truths on the same candidates (`counterfactual`, cached per
+   run by attribution/retrain.py): leave-one-out of each candidate (Pearson / Spearman of the scores
+   with f_q(θ_{−m}) − f_q(θ)) and the LDS of subsets that drop a random half of the candidates; the
+   PBRF's own LOO correlation and LDS are reported as the reference (Bae et al. 2022: for networks
+   not trained to convergence the two criteria differ). Digits retrains by full-batch Adam from the
+   same initialisation; the LM retrains every parameter with the full run's batch order and the
+   left-out documents weighted 0 (experiments/tasks/planted_lm.py `weighted_trainer`).
+Writes summary.json (`<task>/<method>/{pearson,spearman,loo_pearson,loo_spearman,lds,seconds}`,
+`<task>/pbrf/...`, `<task>/retrain/...`), report.md and pbrf_benchmark.png.
 """
 from __future__ import annotations
 
@@ -47,8 +54,8 @@ from jax.flatten_util import ravel_pytree
 
 import sketching
 import landscape
-from attribution import baselines, ekfac, lissa, pbrf, scorers
-from attribution.evaluate import spearman
+from attribution import baselines, ekfac, lissa, pbrf, retrain, scorers
+from attribution.evaluate import lds, loo_correlation, spearman
 from attribution.index import params_hash
 from experiments.common import config_checks as checks
 from experiments.common import data as data_lib
@@ -66,11 +73,12 @@ PyTree = Any
 
 _TOP = {"experiment", "seed", "quiet", "tasks", "methods", "damping", "num_queries", "pbrf", "digits", "facts",
         "lissa", "cg_iters", "cg_tol", "trak_dim", "trak_ridge", "sketch", "sketch_dim", "power_iters",
-        "ekfac_batch"}
+        "ekfac_batch", "counterfactual"}
 _PBRF = {"num_candidates", "epsilon", "num_steps", "optimizer", "lr_factor", "momentum", "batch_size",
          "chunk_size"}
 _DIGITS = {"num_train", "hidden", "num_steps", "learning_rate", "weight_decay", "tracin_checkpoints"}
 _LISSA = {"depth", "repeats", "batch_size", "scale_factor"}
+_COUNTERFACTUAL = {"loo", "lds_subsets", "lds_fraction", "chunk_size"}
 
 
 def validate_config(config) -> None:
@@ -102,6 +110,13 @@ def validate_config(config) -> None:
     for name in ("cg_iters", "trak_dim", "sketch_dim", "power_iters", "ekfac_batch"):
         checks.integer(f"config.{name}", config[name], 1)
     checks.one_of("config.sketch", config.sketch, sketching.names())
+    cf = config.counterfactual
+    checks.check_fields("config.counterfactual", cf, _COUNTERFACTUAL)
+    checks.one_of("config.counterfactual.loo", cf.loo, (True, False))
+    if cf.lds_subsets != 0:
+        checks.integer("config.counterfactual.lds_subsets", cf.lds_subsets, 2)
+    checks.number("config.counterfactual.lds_fraction", cf.lds_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    checks.integer("config.counterfactual.chunk_size", cf.chunk_size, 1)
     if "facts_lm" in config.tasks:
         planted_lm.validate_config(config.facts)
 
@@ -123,6 +138,7 @@ class Task:
     repr_module: tuple[str, str]                # (module path, 'input' | 'output') of the final hidden state
     texts: tuple[list[str], list[str]] | None   # (query texts, document texts) for n-grams
     fingerprint: dict
+    retrain: Callable[[np.ndarray], np.ndarray]  # masks (K, N) -> query losses (K, Q) of K retrained models
 
 
 def _to64(tree):
@@ -152,35 +168,38 @@ def _digits_task(config) -> Task:
     schedule = optax.cosine_decay_schedule(d.learning_rate, d.num_steps)
     opt = optax.adam(schedule)
 
-    def objective(p):
-        return jnp.mean(loss(model.apply(p, train), train)) + 0.5 * d.weight_decay * sum(
+    def objective(p, w):
+        """Σ_j w_j L_j / Σ_j w_j + (wd/2)‖θ‖²: w = 1 is the run, a 0/1 mask a retraining without the zeros."""
+        return jnp.sum(w * loss(model.apply(p, train), train)) / jnp.sum(w) + 0.5 * d.weight_decay * sum(
             jnp.sum(a ** 2) for a in jax.tree_util.tree_leaves(p))
 
     every = max(1, d.num_steps // d.tracin_checkpoints)
 
-    @jax.jit
-    def run(p):
+    def fit(p, w, keep_trajectory):
         def step(carry, _):
             p, s = carry
-            updates, s = opt.update(jax.grad(objective)(p), s, p)
+            updates, s = opt.update(jax.grad(objective)(p, w), s, p)
             p = optax.apply_updates(p, updates)
-            return (p, s), p
+            return (p, s), p if keep_trajectory else None
         (p, _), traj = jax.lax.scan(step, (p, opt.init(p)), None, length=d.num_steps)
         return p, traj
 
-    params, traj = run(params0)
+    ones = jnp.ones(d.num_train, jnp.float64)
+    params, traj = jax.jit(fit, static_argnums=2)(params0, ones, True)
+    retrain_batch = jax.jit(jax.vmap(lambda w: loss(model.apply(fit(params0, w, False)[0], queries), queries)))
     ckpt_steps = np.arange(every, d.num_steps + 1, every)[: d.tracin_checkpoints]
     lrs = np.asarray([schedule(t) for t in range(d.num_steps)])
     bounds = np.concatenate([[0], ckpt_steps])
     checkpoints = [(jax.tree_util.tree_map(lambda a: a[s - 1], traj), float(lrs[bounds[i]:bounds[i + 1]].sum()))
                    for i, s in enumerate(ckpt_steps)]
-    grad_norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(jax.grad(objective)(params)))))
+    grad_norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(jax.grad(objective)(params, ones)))))
     acc = float(jnp.mean(jnp.argmax(model.apply(params, queries), -1) == queries["y"]))
     print(f"[digits_mlp] D={models_lib.count_params(params)}, N={d.num_train}, ‖∇J(θˢ)‖={grad_norm:.2e}, "
           f"query accuracy {acc:.2f}")
     return Task("digits_mlp", "classification", model.apply, params, tuple(_dense_paths(params)), train, queries,
                 checkpoints, ("head", "input"), None,
-                {"task": "digits_mlp", "digits": d.to_dict(), "seed": config.seed, "params": params_hash(params)})
+                {"task": "digits_mlp", "digits": d.to_dict(), "seed": config.seed, "params": params_hash(params)},
+                lambda masks: np.asarray(retrain_batch(jnp.asarray(masks, jnp.float64)), np.float64))
 
 
 def _dense_paths(params, prefix=""):
@@ -205,12 +224,24 @@ def _facts_task(config, wd: Workdir) -> Task:
     q = min(config.num_queries, len(s.corpus.queries))
     paths = tuple(p for p in _dense_paths(result.params) if re.fullmatch(LM_LAYERS[0], p))
     texts = ([f"{x.prompt} {x.answer}" for x in s.corpus.queries[:q]], list(s.corpus.documents))
+    per_example_loss = jax.jit(models_lib.make_loss_fns(s.model).per_example_loss)
+    queries = data_lib.take(s.queries, np.arange(q))
+
+    train_weighted = planted_lm.weighted_trainer(cfg, s)
+
+    def retrain_lm(masks):
+        """Every parameter retrained (float32, as the model was) with the masked documents' loss weighted 0
+        and the full run's batch order kept (planted_lm.weighted_trainer)."""
+        with jax.enable_x64(False):
+            stacked = train_weighted(masks)
+            return np.stack([np.asarray(per_example_loss(jax.tree_util.tree_map(lambda a: a[k], stacked), queries),
+                                        np.float64) for k in range(len(masks))])
     print(f"[facts_lm] D={models_lib.count_params(result.params)} (all), N={len(s.corpus.documents)}, "
           f"Q={q}, query accuracy {result.eval_metrics.get('query_accuracy', float('nan')):.2f}")
     # trained in float32 (outside the float64 context); `_to64` is applied by `run` inside it
     return Task("facts_lm", "lm", s.model.apply, result.params, paths, s.train,
-                data_lib.take(s.queries, np.arange(q)), checkpoints, ("ln_final", "output"), texts,
-                {"task": "facts_lm", "facts": cfg.to_dict(), "params": params_hash(result.params)})
+                queries, checkpoints, ("ln_final", "output"), texts,
+                {"task": "facts_lm", "facts": cfg.to_dict(), "params": params_hash(result.params)}, retrain_lm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +299,46 @@ def _timed(fn):
     start = time.perf_counter()
     out = np.asarray(fn(), np.float64)
     return out, time.perf_counter() - start
+
+
+def _counterfactual_truth(task: Task, config, candidates: np.ndarray, wd: Workdir) -> dict:
+    """Retraining ground truths on the PBRF's candidates, cached per run (attribution/retrain.py):
+    leave-one-out f_q(θ_{−m}) − f_q(θ) for every candidate m (Q, C), and the LDS subsets: each keeps every
+    non-candidate and a random `lds_fraction` of the candidates (masks (R, C) over the candidates, the
+    query losses (R, Q)). Non-candidates are in every subset, so Σ_{j∈S} τ_j over the candidates is the
+    LDS prediction up to a constant (Park et al. 2023 §2.2 restricted to the scored pool)."""
+    cf = config.counterfactual
+    n = int(jax.tree_util.tree_leaves(task.train)[0].shape[0])
+    folder = wd.file(f"{task.name}/retrain")
+    quiet = config.get("quiet", False)
+    options = dict(fingerprint=task.fingerprint, chunk_size=cf.chunk_size, progress=not quiet)
+    start = time.perf_counter()
+    full = retrain.retrain_outcomes(f"{folder}/full", np.ones((1, n)), task.retrain, fingerprint=task.fingerprint)[0]
+    out: dict = {"full": full}
+    if cf.loo:
+        loo = retrain.retrain_outcomes(f"{folder}/loo", retrain.leave_one_out_masks(n, candidates), task.retrain,
+                                       description=f"{task.name} leave-one-out retraining", **options)
+        out["loo_change"] = (loo - full[None]).T
+    if cf.lds_subsets:
+        keep = retrain.random_subset_masks(len(candidates), cf.lds_subsets, cf.lds_fraction, seed=config.seed)
+        masks = np.ones((cf.lds_subsets, n))
+        masks[:, candidates] = keep
+        out["lds_masks"] = keep
+        out["lds_losses"] = retrain.retrain_outcomes(f"{folder}/lds", masks, task.retrain,
+                                                     description=f"{task.name} LDS retraining", **options)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _counterfactual_metrics(scores: np.ndarray, truth: dict) -> dict:
+    """Pearson / Spearman with the leave-one-out changes and the LDS of (Q, C) scores."""
+    out = {}
+    if "loo_change" in truth:
+        out["loo_pearson"] = loo_correlation(scores, truth["loo_change"])
+        out["loo_spearman"] = loo_correlation(scores, truth["loo_change"], method="spearman")
+    if "lds_masks" in truth:
+        out["lds"] = lds(scores, truth["lds_masks"], truth["lds_losses"])
+    return out
 
 
 def _correlations(scores: np.ndarray, truth: np.ndarray) -> dict:
@@ -332,12 +403,20 @@ def _run_task(task: Task, config, wd: Workdir) -> dict:
     out["pbrf/residual_median"] = float(np.median(res.residuals))
     out["pbrf/residual_max"] = float(np.max(res.residuals))
     truth = res.scores
+    counterfactual: dict = {}
+    if config.counterfactual.loo or config.counterfactual.lds_subsets:
+        counterfactual = _counterfactual_truth(task, config, candidates, wd)
+        out["retrain/seconds"] = counterfactual["seconds"]
+        if "loo_change" in counterfactual:
+            out["retrain/loo_change_rms"] = float(np.sqrt(np.mean(counterfactual["loo_change"] ** 2)))
+        for k, v in _counterfactual_metrics(truth, counterfactual).items():
+            out[f"pbrf/{k}"] = v
 
     scores: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     methods = [m for m in config.methods if not (m == "ngram_cosine" and task.texts is None)]
     qv = jnp.asarray(gq)
-    fitted, fit_seconds = None, 0.0
+    shared_kfac = None  # the fit and the layer gradients / activations serve ekfac, kfac and ekfac_heuristic
     for method in methods:
         if method == "gnh_if":
             fn = lambda: scorers.influence_scores(qv, gt, gnh_full, damping=lam, tol=config.cg_tol,  # noqa: E731
@@ -362,11 +441,11 @@ def _run_task(task: Task, config, wd: Workdir) -> dict:
                 lissa={"scale": lc.scale_factor * (lam_max + lam), "depth": lc.depth, "repeats": lc.repeats,
                        "sample_hvp": sample_hvp, "seed": config.seed})
         elif method in ("ekfac", "kfac", "ekfac_heuristic"):
-            if fitted is None:  # one fit serves the three; its time is added to each one's cost
+            if shared_kfac is None:  # timed once, charged to each of the three (its compilation included)
                 start = time.perf_counter()
-                fitted = _ekfac_fit(task, config)
-                fit_seconds = time.perf_counter() - start
-            fn = _ekfac_fn(task, fitted, cand, lam, method)
+                shared_kfac = _ekfac_shared(task, config, cand)
+                out["kfac_shared/seconds"] = time.perf_counter() - start
+            fn = _ekfac_fn(shared_kfac, lam, method)
         elif method == "trak":
             def fn():
                 proj = np.random.default_rng([config.seed, 5]).normal(size=(dim, config.trak_dim)) / math.sqrt(
@@ -401,43 +480,57 @@ def _run_task(task: Task, config, wd: Workdir) -> dict:
         try:
             scores[method], seconds[method] = _timed(fn)
             if method in ("ekfac", "kfac", "ekfac_heuristic"):
-                seconds[method] += fit_seconds
+                out[f"{method}/own_seconds"] = seconds[method]
+                seconds[method] += out["kfac_shared/seconds"]
         except lissa.LiSSADivergenceError as error:
             out[f"{method}/error"] = str(error).split(".")[0]
             print(f"[{task.name}] {method}: {out[f'{method}/error']}")
             continue
         for k, v in _correlations(scores[method], truth).items():
             out[f"{method}/{k}"] = v
+        for k, v in _counterfactual_metrics(scores[method], counterfactual).items():
+            out[f"{method}/{k}"] = v
         out[f"{method}/seconds"] = seconds[method]
         if not quiet:
+            extra = "".join(f" {k} {out[f'{method}/{k}']:+.3f}" for k in ("loo_pearson", "lds") if f"{method}/{k}" in out)
             print(f"[{task.name}] {method:16s} pearson {out[f'{method}/pearson']:+.3f} spearman "
-                  f"{out[f'{method}/spearman']:+.3f}  {seconds[method]:.2f} s")
+                  f"{out[f'{method}/spearman']:+.3f}{extra}  {seconds[method]:.2f} s")
     return out
 
 
-def _ekfac_fit(task: Task, config) -> ekfac.EKFACFactors:
-    """K-FAC factors, float64 eigendecompositions and the EK-FAC Λ of the studied layers (exact GGN labels
-    for the classifier, sampled labels for the LM; G23 §2.3)."""
+@dataclasses.dataclass
+class _KFACShared:
+    fit: ekfac.EKFACFactors
+    query_grads: dict    # per studied layer, the queries' per-example layer gradients
+    activations: Any     # the candidates' layer inputs / output gradients
+
+
+def _ekfac_shared(task: Task, config, cand: dict) -> _KFACShared:
+    """What ekfac, kfac and ekfac_heuristic share: the fit (K-FAC factors, float64 eigendecompositions and
+    the EK-FAC Λ of the studied layers; exact GGN labels for the classifier, sampled labels for the LM,
+    G23 §2.3), the queries' layer gradients and the candidates' layer activations."""
     n = int(jax.tree_util.tree_leaves(task.train)[0].shape[0])
     chunks = np.array_split(np.arange(n), max(1, math.ceil(n / config.ekfac_batch)))
     batches = [data_lib.take(task.train, c) for c in chunks]
     labels = "exact" if task.kind == "classification" else "sampled"
     layers = tuple(f"^{re.escape(p)}$" for p in task.paths)
-    return ekfac.fit_ekfac(task.apply, task.params, batches, task=task.kind, layers=layers, seed=config.seed,
-                           labels=labels, damping=0.0, folder=None, progress=False)
+    fit = ekfac.fit_ekfac(task.apply, task.params, batches, task=task.kind, layers=layers, seed=config.seed,
+                          labels=labels, damping=0.0, folder=None, progress=False)
+    qgrads = ekfac.per_example_layer_grads(task.apply, task.params, task.queries, fit.layers, task.kind)
+    acts, _ = ekfac.layer_activations(task.apply, task.params, cand, fit.layers, task.kind)
+    return _KFACShared(fit, jax.block_until_ready(qgrads), jax.block_until_ready(acts))
 
 
-def _ekfac_fn(task: Task, fit: ekfac.EKFACFactors, cand: dict, lam: float, method: str):
+def _ekfac_fn(shared: _KFACShared, lam: float, method: str):
     """Scores with damping λ (ekfac, kfac) or G23's 0.1 × mean Λ per layer (ekfac_heuristic)."""
     kind = "kfac" if method == "kfac" else "ekfac"
+    fit = shared.fit
 
     def fn():
-        qgrads = ekfac.per_example_layer_grads(task.apply, task.params, task.queries, fit.layers, task.kind)
-        acts, _ = ekfac.layer_activations(task.apply, task.params, cand, fit.layers, task.kind)
-        pre = {p: fit.factors[p].ihvp(qgrads[p], kind, damping=(
+        pre = {p: fit.factors[p].ihvp(shared.query_grads[p], kind, damping=(
             ekfac.DEFAULT_DAMPING_FACTOR * float(np.mean(fit.factors[p].Lambda)) if method == "ekfac_heuristic"
             else lam)) for p in fit.layers}
-        return ekfac.influence_scores(pre, acts)
+        return ekfac.influence_scores(pre, shared.activations)
     return fn
 
 
@@ -446,26 +539,42 @@ def _ekfac_fn(task: Task, fit: ekfac.EKFACFactors, cand: dict, lam: float, metho
 # ----------------------------------------------------------------------------------------------
 
 def _plot(path: str, summary: dict, config) -> None:
-    """Per task: each method's Pearson correlation with the PBRF against its wall time, the PBRF's own
-    cost as a reference line."""
+    """Per task (columns): top, each method's Pearson correlation with the PBRF against its wall time, the
+    PBRF's own cost as a reference line; bottom (when retraining ran), the same correlation against the
+    Pearson correlation with leave-one-out retraining, the PBRF itself as a point."""
     tasks = [t for t in config.tasks if f"{t}/num_params" in summary]
-    fig, axes = plots.figure(1, len(tasks), size=(6.8 * len(tasks), 5.2))
-    for ax, task in zip([axes] if len(tasks) == 1 else axes[0], tasks):
+    with_loo = any(f"{t}/pbrf/loo_pearson" in summary for t in tasks)
+    rows = 2 if with_loo else 1
+    fig, axes = plots.figure(rows, len(tasks), size=(6.8 * len(tasks), 5.2 * rows))
+    axes = np.asarray([[axes]]) if rows == len(tasks) == 1 else axes
+    for column, task in enumerate(tasks):
+        ax = axes[0][column]
         methods = [m for m in config.methods if f"{task}/{m}/pearson" in summary]
         x = np.asarray([summary[f"{task}/{m}/seconds"] for m in methods])
         y = np.asarray([summary[f"{task}/{m}/pearson"] for m in methods])
         ax.scatter(x, y, s=30, color="C0", zorder=3)
-        placed: list[tuple[float, float]] = []
-        for i in np.argsort(-y):  # a label close to an earlier one goes below its point
-            near = any(abs(math.log10(x[i]) - a) < 0.6 and abs(y[i] - b) < 0.04 for a, b in placed)
-            ax.annotate(methods[i], (x[i], y[i]), textcoords="offset points", xytext=(4, -12 if near else 3),
-                        fontsize=9)
-            placed.append((math.log10(x[i]), y[i]))
         plots.reference_line(ax, x=summary[f"{task}/pbrf/seconds"], label="PBRF cost")
         ax.set_xscale("log")
+        plots.label_points(ax, methods, x, y)
         ax.set_xlabel("wall seconds (log scale; shared gradients excluded)")
         ax.set_ylabel("Pearson correlation with the PBRF")
         ax.set_title(f"{task} (D = {summary[f'{task}/num_params']}, {summary[f'{task}/num_candidates']} candidates)")
+        plots.legend(ax)
+        if rows == 1:
+            continue
+        ax = axes[1][column]
+        loo = [m for m in methods if f"{task}/{m}/loo_pearson" in summary]
+        if f"{task}/pbrf/loo_pearson" not in summary or not loo:
+            ax.set_axis_off()
+            continue
+        x = np.asarray([summary[f"{task}/{m}/pearson"] for m in loo])
+        y = np.asarray([summary[f"{task}/{m}/loo_pearson"] for m in loo])
+        ax.scatter(x, y, s=30, color="C0", zorder=3)
+        plots.reference_line(ax, y=summary[f"{task}/pbrf/loo_pearson"], label="the PBRF's own correlation with LOO")
+        plots.label_points(ax, loo, x, y)
+        ax.set_xlabel("Pearson correlation with the PBRF")
+        ax.set_ylabel("Pearson correlation with leave-one-out retraining")
+        ax.set_title(f"{task}: the PBRF criterion vs leave-one-out")
         plots.legend(ax)
     plots.save(fig, path)
 
@@ -495,7 +604,48 @@ def _reading(s: dict) -> list[str]:
     if "exact_if/pearson" in s and "gnh_if/pearson" in s:
         out.append(f"The Hessian-based IF (exact_if, {s['exact_if/pearson']:+.3f}) vs the Gauss–Newton IF "
                    f"({s['gnh_if/pearson']:+.3f}); the PBRF linearises to the latter.")
+    if "pbrf/loo_pearson" in s:
+        scored = [m for m in METHODS if f"{m}/loo_pearson" in s and f"{m}/pearson" in s]
+        best_pbrf = max(scored, key=lambda m: s[f"{m}/pearson"], default=None)
+        best_loo = max(scored, key=lambda m: s[f"{m}/loo_pearson"], default=None)
+        text = (f"Retraining: the PBRF itself correlates with leave-one-out at Pearson {s['pbrf/loo_pearson']:+.3f}"
+                + (f" and has LDS {s['pbrf/lds']:+.3f}" if "pbrf/lds" in s else "") + ".")
+        largest = max((abs(s[f"{m}/loo_pearson"]) for m in scored), default=0.0)
+        if scored and largest < 0.2:
+            text += (f" No method predicts leave-one-out (every |Pearson| ≤ {largest:.2f}, the PBRF's included): "
+                     f"removing one of {s['num_train']} examples changes the query losses (RMS "
+                     f"{s['retrain/loo_change_rms']:.3g}) in a way no first-order estimate at θˢ follows, as Bae et al. "
+                     "2022 describe for networks not trained to convergence.")
+        elif best_pbrf is not None:
+            text += (f" The method closest to the PBRF ({best_pbrf}, {s[f'{best_pbrf}/pearson']:+.3f}) has LOO "
+                     f"Pearson {s[f'{best_pbrf}/loo_pearson']:+.3f}; the method closest to LOO is {best_loo} "
+                     f"({s[f'{best_loo}/loo_pearson']:+.3f}).")
+        if len(scored) >= 3 and largest >= 0.2:  # a ranking by near-zero correlations says nothing
+            agree = float(spearman(np.asarray([s[f"{m}/pearson"] for m in scored]),
+                                   np.asarray([s[f"{m}/loo_pearson"] for m in scored])))
+            text += (f" Ranking the {len(scored)} methods by the PBRF criterion and by LOO agrees at Spearman "
+                     f"{agree:+.2f}" + (": here the two criteria rank the methods alike." if agree >= 0.5 else
+                                        ": the criteria disagree on which method is best."))
+        out.append(text)
     return [" ".join(out), ""] if out else []
+
+
+def _cell(s: dict, key: str) -> str:
+    return f"{s[key]:+.3f} | " if key in s and np.isfinite(s[key]) else "— | "
+
+
+def _retraining_sentence(task: str, s: dict, config) -> str:
+    cf = config.counterfactual
+    how = ("full-batch Adam from the same initialisation, float64" if task == "digits_mlp" else
+           "every parameter, float32, the full run's batch order with the left-out documents' loss weighted 0")
+    parts = [f"Retraining ground truths on the same candidates ({how}; {s['retrain/seconds']:.1f} s, cached per run):"]
+    if "pbrf/loo_pearson" in s:
+        parts.append(f"leave-one-out of each candidate (query-loss change RMS {s['retrain/loo_change_rms']:.3g});")
+    if "pbrf/lds" in s:
+        parts.append(f"LDS over {cf.lds_subsets} subsets, each keeping every other training example and a random "
+                     f"{cf.lds_fraction:g} of the candidates (Spearman of Σ scores over the kept candidates with "
+                     "−query loss, mean over queries).")
+    return " ".join(parts)
 
 
 def _report(summary: dict, config) -> str:
@@ -503,8 +653,9 @@ def _report(summary: dict, config) -> str:
              "Ground truth: the PBRF influence −df_q/dε (Bae et al. 2022) of each candidate training example on each "
              "query loss, from ±ε solves of the proximal Bregman objective warm-started at the trained weights "
              "(attribution/pbrf.py). One damping λ (below) is shared by the PBRF and every damped method. "
-             "Correlations are per query over the candidates, averaged over queries. Times are wall seconds on a "
-             "shared, loaded 2-core CPU machine, measured in this run; per-example gradients shared by several "
+             "Correlations are per query over the candidates, averaged over queries. Beside the PBRF, the same "
+             "scores are compared with leave-one-out retraining and the LDS (below each task's setup). Times are "
+             "wall seconds measured in this run, compilation included; per-example gradients shared by several "
              "methods are timed once and excluded.", ""]
     for task in config.tasks:
         if f"{task}/num_params" not in summary:
@@ -515,14 +666,27 @@ def _report(summary: dict, config) -> str:
                   f"{s['num_candidates']} candidates, {s['num_queries']} queries; λ_max(G) = {s['lambda_max_gnh']:.4g}, "
                   f"λ = {s['damping']:.4g}. PBRF: {s['pbrf/seconds']:.1f} s in total; relative residual of the "
                   f"solves median {s['pbrf/residual_median']:.2g}, max {s['pbrf/residual_max']:.2g}; shared "
-                  f"gradients {s['shared_gradients_seconds']:.1f} s.", "",
-                  "| method | Pearson vs PBRF | ± s.e.m. | Spearman vs PBRF | seconds |", "|---|---|---|---|---|"]
+                  f"gradients {s['shared_gradients_seconds']:.1f} s"
+                  + (f"; the K-FAC fit and layer gradients shared by ekfac, kfac and ekfac_heuristic "
+                     f"{s['kfac_shared/seconds']:.1f} s, included in each one's seconds" if "kfac_shared/seconds" in s
+                     else "") + ".", ""]
+        retrained = "pbrf/loo_pearson" in s or "pbrf/lds" in s
+        if retrained:
+            lines += [_retraining_sentence(task, s, config), ""]
+        cf = ["loo_pearson", "loo_spearman", "lds"] if retrained else []
+        heads = {"loo_pearson": "Pearson vs LOO", "loo_spearman": "Spearman vs LOO", "lds": "LDS"}
+        lines += ["| method | Pearson vs PBRF | ± s.e.m. | Spearman vs PBRF | " + "".join(f"{heads[k]} | " for k in cf)
+                  + "seconds |", "|---|---|---|---|" + "---|" * len(cf) + "---|"]
+        if retrained:
+            lines.append("| PBRF (the ground truth) | | | | " + "".join(_cell(s, f"pbrf/{k}") for k in cf)
+                         + f"{s['pbrf/seconds']:.2f} |")
         for m in config.methods:
             if f"{m}/pearson" in s:
                 lines.append(f"| {m} | {s[f'{m}/pearson']:+.3f} | {s[f'{m}/pearson_sem']:.3f} | "
-                             f"{s[f'{m}/spearman']:+.3f} | {s[f'{m}/seconds']:.2f} |")
+                             f"{s[f'{m}/spearman']:+.3f} | " + "".join(_cell(s, f"{m}/{k}") for k in cf)
+                             + f"{s[f'{m}/seconds']:.2f} |")
             elif f"{m}/error" in s:
-                lines.append(f"| {m} | not scored: {s[f'{m}/error']} | | | |")
+                lines.append(f"| {m} | not scored: {s[f'{m}/error']} |" + " |" * (3 + len(cf)))
         lines.append("")
         lines += _reading(s)
     lines += ["![correlation vs cost](pbrf_benchmark.png)", ""]

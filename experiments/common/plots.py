@@ -27,6 +27,7 @@ import tempfile
 from typing import Mapping, Sequence
 
 import matplotlib
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter
@@ -75,6 +76,35 @@ def reference_line(ax, *, y: float | None = None, x: float | None = None, label:
         raise ValueError("reference_line takes exactly one of y= or x=")
     draw = ax.axhline if y is not None else ax.axvline
     draw(y if y is not None else x, color=color, linestyle=(0, (4, 3)), linewidth=1.0, label=label, zorder=1)
+
+
+# Label positions around a point, in points: (dx, dy); dx < 0 right-aligns the text at the point's left.
+_LABEL_OFFSETS = ((4, 3), (4, -12), (-4, 3), (-4, -12), (4, 13), (4, -22), (-4, 13), (-4, -22))
+
+
+def label_points(ax, names: Sequence[str], xs: Sequence[float], ys: Sequence[float], *, fontsize: float = 9) -> None:
+    """Each name beside its scatter point (data units), at the first of eight positions around the point
+    whose text box overlaps neither a label placed before it nor another point (the first position when
+    every one collides). Labels are placed from the highest point down. Call it after the axis scales
+    and limits are set: the boxes are measured on the rendered axes."""
+    if not len(names) == len(xs) == len(ys):
+        raise ValueError(f"label_points: {len(names)} names, {len(xs)} x values, {len(ys)} y values")
+    renderer = ax.figure.canvas.get_renderer()
+    points = ax.transData.transform(np.column_stack([np.asarray(xs, float), np.asarray(ys, float)]))
+    radius = 4.0 * ax.figure.dpi / 72.0  # a marker's half-width in pixels
+    placed = []
+    for i in np.argsort(-np.asarray(ys, float), kind="stable"):
+        others = np.delete(points, i, axis=0)
+        for attempt, (dx, dy) in enumerate(_LABEL_OFFSETS + (_LABEL_OFFSETS[0],)):
+            text = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy),
+                               fontsize=fontsize, ha="left" if dx > 0 else "right")
+            box = text.get_window_extent(renderer)
+            hits_point = bool(np.any((others[:, 0] > box.x0 - radius) & (others[:, 0] < box.x1 + radius)
+                                     & (others[:, 1] > box.y0 - radius) & (others[:, 1] < box.y1 + radius)))
+            if attempt == len(_LABEL_OFFSETS) or not (hits_point or any(box.overlaps(b) for b in placed)):
+                placed.append(box)
+                break
+            text.remove()
 
 
 def legend(ax, *, outside: bool = False, **kwargs):

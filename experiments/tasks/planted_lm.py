@@ -4,17 +4,20 @@ Used by the experiments `train_lm`, `demo`, `influence_llm` and `tda_benchmark`.
 `tokenizer.json`, checkpoints under `checkpoints/` (a rerun resumes from the newest) and reports
 `query_accuracy` (greedy next word after each planted fact's prompt is its answer),
 `heldout_query_accuracy` (facts never written: ≈ 0 unless the model guesses) and the final loss.
-`train_on_subset` is the retraining of counterfactual evaluations (LDS, leave-one-out).
+`train_on_subset` is the retraining of counterfactual evaluations (LDS, leave-one-out) on a subset's own
+batches; `weighted_trainer` retrains several models at once with per-document loss weights and the full
+run's batch order.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from experiments.common import config_checks as checks
 from experiments.common import data as data_lib
@@ -144,3 +147,46 @@ def train_on_subset(config, s: Setup, indices: np.ndarray) -> Any:
                                   config.seed)
     return train_lib.train(loss_fn, s.params, train_lib.optimizer_from_config(config.train), batch_at, config.train.num_steps,
                            log_every=0, quiet=True).params
+
+
+def weighted_trainer(config, s: Setup) -> Callable[[np.ndarray], Any]:
+    """`train(weights)`: the parameters of K models trained from `s.params`, stacked along a leading K
+    axis, where model k multiplies document j's loss by weights[k, j] (weights (K, N), e.g. 0/1 masks).
+
+    Everything else is the full run of `train_model`: the same optimiser and number of steps and the
+    same batches in the same order (`data.batch_indices(N, B, step, seed)`); step t minimises
+    (1/B) Σ_{j ∈ batch t} w_j L_j. With w = 1 this is the full run; with a zero at j it is the run
+    without document j's gradient contributions and with every other batch unchanged (common random
+    numbers: the only difference between two such runs is the documents they weight differently, so a
+    leave-one-out effect is not drowned by a reshuffled batch order, as it is with `train_on_subset`).
+    The K runs are one compiled, vmapped `lax.scan` (compiled once per K)."""
+    num_docs = len(s.corpus.documents)
+    t = config.train
+    batch_size = min(t.batch_size, num_docs)
+    steps = np.stack([data_lib.batch_indices(num_docs, batch_size, step, config.seed) for step in range(t.num_steps)])
+    per_example_loss = models_lib.make_loss_fns(s.model).per_example_loss
+    optimizer = train_lib.optimizer_from_config(t)
+    documents = jax.tree_util.tree_map(jnp.asarray, s.train)
+
+    def one_run(w):
+        def step(carry, indices):
+            params, state = carry
+            batch = data_lib.take(documents, indices)
+            grads = jax.grad(lambda p: jnp.mean(w[indices] * per_example_loss(p, batch)))(params)
+            updates, state = optimizer.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        (params, _), _ = jax.lax.scan(step, (s.params, optimizer.init(s.params)), jnp.asarray(steps))
+        return params
+
+    runs = jax.jit(jax.vmap(one_run))
+
+    def train(weights: np.ndarray) -> Any:
+        weights = np.asarray(weights, np.float32)
+        if weights.ndim != 2 or weights.shape[1] != num_docs:
+            raise ValueError(f"weights must be (K, {num_docs}) (one weight per training document), got {weights.shape}")
+        if not np.all(np.isfinite(weights)) or weights.min() < 0:
+            raise ValueError("weights must be finite and >= 0")
+        return runs(jnp.asarray(weights))
+
+    return train

@@ -77,3 +77,33 @@ def test_log_scale_labels_the_given_ticks_plainly_and_hides_minor_labels():
     assert ax.get_xscale() == "log"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "5", "10", "20"]
     assert type(ax.xaxis.get_minor_formatter()).__name__ == "NullFormatter"
+
+
+def test_label_points_places_labels_without_overlap():
+    """A tight cluster (the case of methods with near-equal scores and costs): every label is drawn,
+    no two label boxes overlap and no label covers another point."""
+    import numpy as np
+
+    fig, ax = plots.figure(1, 1, size=(6.0, 4.0))
+    xs = [1.0, 1.02, 0.98, 1.01, 0.5, 0.0]
+    ys = [1.0, 0.99, 0.995, 0.985, 0.5, 0.0]
+    names = ["gnh_if", "exact_if", "lissa", "ekfac", "tracin", "grad_dot"]
+    ax.scatter(xs, ys)
+    ax.set_xlim(-0.1, 1.3)
+    ax.set_ylim(-0.1, 1.1)
+    plots.label_points(ax, names, xs, ys)
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in ax.texts]
+    assert sorted(t.get_text() for t in texts) == sorted(names)
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    points = ax.transData.transform(np.column_stack([xs, ys]))
+    for text, box in zip(texts, boxes):
+        own = names.index(text.get_text())
+        for k, (px, py) in enumerate(points):
+            if k != own:
+                assert not (box.x0 <= px <= box.x1 and box.y0 <= py <= box.y1), (text.get_text(), names[k])
+    with pytest.raises(ValueError, match="2 names, 3 x values"):
+        plots.label_points(ax, ["a", "b"], [1, 2, 3], [1, 2, 3])
