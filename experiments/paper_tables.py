@@ -21,8 +21,10 @@ model is scaled down (the report says to what); no GPU figure is claimed.
   layers     Tables 1/5: Pearson r of per-layer gradient dot products vs whole-model ones, and the
              top-10 eigenvalue error of the per-layer Hessian vs the whole one; whole-model afjl at
              m = 2^13 beside it.
-  tda_cost   (per-example gradient + sketch) / (per-example gradient) wall time for MiniLM, explicit
-             and implicit, m in `tda_cost.ms`.
+  tda_cost   (per-example gradient + sketch) / (per-example gradient) wall time for MiniLM: explicit
+             at m in `tda_cost.log2_ms` for each sequence length in `tda_cost.max_lens` (the gradient's
+             cost grows with the tokens per example, the sketch's does not), implicit at
+             `tda_cost.implicit_log2_ms` for the shortest length only.
 
 Outputs: report.md (the tables), results.json (every number), table6.png, table7.png,
 table11.png, summary.json (flat headline numbers, written by the runner).
@@ -148,8 +150,13 @@ def validate_config(config) -> None:
     _ints("config.table11.log2_ms", config.table11.log2_ms)
     checks.check_fields("config.layers", config.layers, {"models", "whole_model_log2_m", "num_iters"})
     checks.names_from("config.layers.models", config.layers.models, ("tiny_lm", "minilm"), nonempty=False)
-    checks.check_fields("config.tda_cost", config.tda_cost, {"log2_ms", "maps", "batch_size", "repeats"})
+    checks.check_fields("config.tda_cost", config.tda_cost, {"log2_ms", "implicit_log2_ms", "max_lens", "maps",
+                                                             "batch_size", "repeats"})
     _ints("config.tda_cost.log2_ms", config.tda_cost.log2_ms)
+    if config.tda_cost.implicit_log2_ms:
+        _ints("config.tda_cost.implicit_log2_ms", config.tda_cost.implicit_log2_ms)
+    for length in _ints("config.tda_cost.max_lens", config.tda_cost.max_lens):
+        checks.integer("config.tda_cost.max_lens", length, 2, 512)  # MiniLM's position embeddings
     checks.names_from("config.tda_cost.maps", config.tda_cost.maps, tuple(MAPS))
     uses_minilm = ("minilm" in config.table6.models and "table6" in config.sections) or "tda_cost" in config.sections \
         or ("minilm" in config.layers.models and "layers" in config.sections)
@@ -487,29 +494,37 @@ def run_layers(task: GradientTask, config, quiet: bool) -> dict:
 
 
 def run_tda_cost(config, quiet: bool) -> dict:
-    c = classifier_configs.get_config("quick")
-    c.seed, c.max_len = config.seed, config.minilm.max_len
-    s = classifier.prepare(c)
-    loss_fn = models_lib.make_loss_fns(s.model).loss_fn
-    params = s.params
-    batch = data_lib.take(s.train_arrays, np.arange(config.tda_cost.batch_size))
-    grads = jax.jit(lambda p, b: sketching.per_example_gradients(loss_fn, p, b))
-    base = median_time(grads, params, batch, repeats=config.tda_cost.repeats)["median_s"]
-    out = {"num_params": models_lib.count_params(params), "batch_size": config.tda_cost.batch_size,
-           "gradient_ms": 1e3 * base, "ratio": {}}
-    todo = [(a, w, e, lm, mode) for a, w, e in _variants(config.tda_cost.maps) for lm in config.tda_cost.log2_ms
-            for mode in sketching.MODES]
-    for algo, which, (name, options), log2_m, mode in tqdm(todo, desc="TDA cost", disable=quiet):
-        m = 1 << log2_m
-        sketch = sketching.get(name, m, **options)
+    """Ratios keyed "<algo>/<which>/<mode>/<log2 m>/L<max_len>"; "gradient_ms" per max_len."""
+    tc = config.tda_cost
+    shortest = min(tc.max_lens)
+    todo = [(a, w, e, lm, mode, length) for length in tc.max_lens for a, w, e in _variants(tc.maps)
+            for mode in sketching.MODES if mode == "explicit" or length == shortest
+            for lm in (tc.log2_ms if mode == "explicit" else tc.implicit_log2_ms)]
+    out: dict[str, Any] = {"batch_size": tc.batch_size, "gradient_ms": {}, "ratio": {}}
+    setups: dict[int, tuple] = {}
+    for algo, which, (name, options), log2_m, mode, length in tqdm(todo, desc="TDA cost", disable=quiet):
+        if length not in setups:  # the classifier's data at this sequence length, and the plain gradient's time
+            c = classifier_configs.get_config("quick")
+            c.seed, c.max_len = config.seed, length
+            s = classifier.prepare(c)
+            loss_fn = models_lib.make_loss_fns(s.model).loss_fn
+            batch = data_lib.take(s.train_arrays, np.arange(tc.batch_size))
+            grads = jax.jit(lambda p, b, _loss=loss_fn: sketching.per_example_gradients(_loss, p, b))
+            base = median_time(grads, s.params, batch, repeats=tc.repeats)["median_s"]
+            out["num_params"] = models_lib.count_params(s.params)
+            out["gradient_ms"][str(length)] = 1e3 * base
+            setups[length] = (loss_fn, s.params, batch, base)
+        loss_fn, params, batch, base = setups[length]
+        sketch = sketching.get(name, 1 << log2_m, **options)
         try:
             state = sketch.init(jax.random.key(0), params)
         except ValueError:
             continue
-        fn = jax.jit(lambda st, p, b, _sk=sketch, _mode=mode: sketching.sketch_per_example_gradients(
-            _sk, st, loss_fn, p, b, _mode))
-        t = median_time(fn, state, params, batch, repeats=config.tda_cost.repeats)["median_s"]
-        out["ratio"][f"{algo}/{which}/{mode}/{log2_m}"] = t / base
+        fn = jax.jit(lambda st, p, b, _sk=sketch, _mode=mode, _loss=loss_fn: sketching.sketch_per_example_gradients(
+            _sk, st, _loss, p, b, _mode))
+        # a call slower than the budget is timed once (implicit mode at MiniLM's size: tens of seconds)
+        t = median_time(fn, state, params, batch, repeats=tc.repeats, budget_s=30.0)["median_s"]
+        out["ratio"][f"{algo}/{which}/{mode}/{log2_m}/L{length}"] = t / base
     return out
 
 
@@ -576,7 +591,7 @@ def _report_table7(res: dict, config) -> list[str]:
 def _report_cost(res: dict, config) -> list[str]:
     c = config.cost.model
     lines = ["## Tables 3, 8, 9: cost of gradient and HVP sketches", "",
-             f"CPU (2 cores, shared and loaded), transformer LM with GPT-2's structure scaled to {c.num_layers} layers, "
+             f"CPU (2 cores), transformer LM with GPT-2's structure scaled to {c.num_layers} layers, "
              f"d_model {c.d_model}, vocabulary {c.vocab_size}, context {c.max_len}, batch {config.cost.batch_size}: "
              f"D = {res['num_params']:,} (GPT-2 small: 124M), m = 2^{config.cost.log2_m}. Time: median wall ms; memory: "
              f"XLA's compiled temporary buffers (MB), not a profiler peak. The plain gradient takes "
@@ -632,15 +647,27 @@ def _report_layers(results: dict, config) -> list[str]:
 
 
 def _report_tda(res: dict, config) -> list[str]:
+    tc = config.tda_cost
+    ms = sorted(set(tc.log2_ms) | set(tc.implicit_log2_ms))
+    gradient = ", ".join(f"{res['gradient_ms'][str(n)]:.0f} ms at {n} tokens" for n in tc.max_lens)
     lines = ["## Per-example TDA cost: (per-example gradient + sketch) / per-example gradient", "",
-             f"MiniLM (D = {res['num_params']:,}, real pretrained weights), batch {res['batch_size']}, per-example "
-             f"gradients alone {res['gradient_ms']:.0f} ms; target ≤ 1.25 for the best map.", "",
-             "| map | mode | " + " | ".join(f"m = 2^{g}" for g in config.tda_cost.log2_ms) + " |",
-             "|---|---|" + "---|" * len(config.tda_cost.log2_ms)]
-    for algo, which, _ in _variants(config.tda_cost.maps):
-        for mode in sketching.MODES:
-            vals = [res["ratio"].get(f"{algo}/{which}/{mode}/{g}") for g in config.tda_cost.log2_ms]
-            lines.append(f"| {algo} ({which}) | {mode} | " + " | ".join(_fmt(v) for v in vals) + " |")
+             f"MiniLM (D = {res['num_params']:,}, real pretrained weights), batch {res['batch_size']}; per-example "
+             f"gradients alone: {gradient}. The sketch's cost does not depend on the tokens per example, the "
+             "gradient's grows with them, so the ratio falls with the sequence length. Target ≤ 1.25 for the "
+             "best map.", "",
+             "| map | mode | tokens | " + " | ".join(f"m = 2^{g}" for g in ms) + " |",
+             "|---|---|---|" + "---|" * len(ms)]
+    for length in tc.max_lens:
+        for algo, which, _ in _variants(tc.maps):
+            for mode in sketching.MODES:
+                vals = [res["ratio"].get(f"{algo}/{which}/{mode}/{g}/L{length}") for g in ms]
+                if any(v is not None for v in vals):
+                    lines.append(f"| {algo} ({which}) | {mode} | {length} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    best = min(res["ratio"].items(), key=lambda kv: kv[1], default=None)
+    if best is not None:
+        algo, which, mode, log2_m, length = best[0].split("/")
+        lines += ["", f"Best: {algo} ({which}), {mode}, m = 2^{log2_m}, {length[1:]} tokens: {best[1]:.2f} "
+                  f"({'meets' if best[1] <= 1.25 else 'misses'} the target)."]
     return lines + [""]
 
 

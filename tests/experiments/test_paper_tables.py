@@ -33,6 +33,7 @@ def test_shrunk_run_writes_the_side_by_side_report(tmp_path):
         assert heading in report
     assert "| algo | paper | ours, paper's map | ours, our variant |" in report
     assert "| afjl | 12 / 13 / 15 |" in report  # the paper's Table 6 row next to ours
+    assert "Wall time per part: build tiny lm" in report and "table6" in report
     results = json.loads((tmp_path / "results.json").read_text())
     r = results["table6"]["tiny LM"]["r"]
     assert set(r) == {"afjl/paper", "afjl/ours"}
@@ -53,6 +54,26 @@ def test_quick_preset_validates_and_bad_fields_are_named():
     bad = config_module.get_config("quick")
     bad.minilm.enabled = False
     with pytest.raises(ConfigError, match="minilm.enabled"):
+        paper_tables.validate_config(bad)
+
+
+def test_tda_cost_report_rows_per_sequence_length_and_the_best_map():
+    """Explicit rows at every sequence length, implicit rows at the shortest only, and the best ratio named."""
+    c = config_module.get_config("quick")
+    res = {"num_params": 22_566_916, "batch_size": 2, "gradient_ms": {"16": 70.0, "128": 560.0},
+           "ratio": {"afjl/paper/explicit/12/L16": 3.7, "afjl/paper/explicit/16/L16": 3.5,
+                     "afjl/paper/implicit/12/L16": 280.0, "afjl/paper/explicit/12/L128": 1.2,
+                     "afjl/ours/explicit/12/L16": 16.0}}
+    lines = paper_tables._report_tda(res, c)
+    text = "\n".join(lines)
+    assert "70 ms at 16 tokens, 560 ms at 128 tokens" in text
+    assert "| afjl (paper) | explicit | 128 | 1.20 | — |" in text
+    assert "| afjl (paper) | implicit | 16 | 280.00 | — |" in text
+    assert not any("| implicit | 128 |" in line for line in lines)
+    assert "Best: afjl (paper), explicit, m = 2^12, 128 tokens: 1.20 (meets the target)." in text
+    bad = config_module.get_config("quick")
+    bad.tda_cost.max_lens = (16, 1024)
+    with pytest.raises(ConfigError, match="config.tda_cost.max_lens"):
         paper_tables.validate_config(bad)
 
 
