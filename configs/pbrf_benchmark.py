@@ -23,7 +23,7 @@ METHODS = ("gnh_if", "exact_if", "lissa", "ekfac", "kfac", "ekfac_heuristic", "t
 # One line per preset for `python -m experiments.run --list` (times: the shared 2-core CPU machine, loaded).
 PRESETS = {
     "": "every method vs the PBRF, LOO and LDS on the digits MLP and the tiny LM, with costs (not timed; expected > 60 min)",
-    "quick": "smaller digits set, 40 / 24 candidates, shorter solves, 24 LDS subsets (≈ 7.0 min)",
+    "quick": "smaller digits set, 40 / 24 candidates, shorter solves, 24 LDS subsets (≈ 7 min)",
 }
 
 

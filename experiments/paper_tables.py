@@ -649,7 +649,8 @@ def _report_layers(results: dict, config) -> list[str]:
 def _report_tda(res: dict, config) -> list[str]:
     tc = config.tda_cost
     ms = sorted(set(tc.log2_ms) | set(tc.implicit_log2_ms))
-    gradient = ", ".join(f"{res['gradient_ms'][str(n)]:.0f} ms at {n} tokens" for n in tc.max_lens)
+    lengths = sorted((int(n) for n in res["gradient_ms"]))  # the sequence lengths measured
+    gradient = ", ".join(f"{res['gradient_ms'][str(n)]:.0f} ms at {n} tokens" for n in lengths)
     lines = ["## Per-example TDA cost: (per-example gradient + sketch) / per-example gradient", "",
              f"MiniLM (D = {res['num_params']:,}, real pretrained weights), batch {res['batch_size']}; per-example "
              f"gradients alone: {gradient}. The sketch's cost does not depend on the tokens per example, the "
@@ -657,7 +658,7 @@ def _report_tda(res: dict, config) -> list[str]:
              "best map.", "",
              "| map | mode | tokens | " + " | ".join(f"m = 2^{g}" for g in ms) + " |",
              "|---|---|---|" + "---|" * len(ms)]
-    for length in tc.max_lens:
+    for length in lengths:
         for algo, which, _ in _variants(tc.maps):
             for mode in sketching.MODES:
                 vals = [res["ratio"].get(f"{algo}/{which}/{mode}/{g}/L{length}") for g in ms]

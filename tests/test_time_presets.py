@@ -43,6 +43,7 @@ def test_apply_rewrites_the_config_and_the_doc(tmp_path, monkeypatch):
     rows = [("configs/toy.py", "", "the full run (≈ 60 min)"), ("configs/toy.py", "quick", "small grids (≈ 10 min idle CPU)")]
     monkeypatch.setattr(time_presets, "ROOT", str(tmp_path))
     monkeypatch.setattr(time_presets, "DOC", str(tmp_path / "docs" / "preset_times.md"))
+    monkeypatch.setattr(time_presets, "RECORDS", str(tmp_path / "docs" / "preset_times.jsonl"))
     monkeypatch.setattr(time_presets, "preset_table", lambda: rows)
     records = tmp_path / "times.jsonl"
     common = {"load_before": 0.1, "load_after": 1.0, "machine": "2 CPU cores", "date": "2026-12-01"}
@@ -55,6 +56,14 @@ def test_apply_rewrites_the_config_and_the_doc(tmp_path, monkeypatch):
         "small grids (≈ 10 min idle CPU)", "small grids (≈ 4 min)")
     doc = (tmp_path / "docs" / "preset_times.md").read_text(encoding="utf-8")
     assert "| `configs/toy.py:quick` | 4.2 min | 0 | 0.10 → 1.00 |" in doc and "2 CPU cores" in doc
+    # a later measurement of another preset keeps the earlier ones in the records and the doc
+    later = tmp_path / "later.jsonl"
+    later.write_text(json.dumps({"spec": "configs/toy.py", "seconds": 30.0, "exit_code": 0, **common}) + "\n",
+                     encoding="utf-8")
+    time_presets.apply(str(later))
+    doc = (tmp_path / "docs" / "preset_times.md").read_text(encoding="utf-8")
+    assert "| `configs/toy.py:quick` | 4.2 min |" in doc and "| `configs/toy.py` | 30 s | 0 |" in doc
+    assert len(time_presets.read_records(str(tmp_path / "docs" / "preset_times.jsonl"))) == 2
 
 
 def test_stated_seconds_and_the_default_order():

@@ -35,6 +35,7 @@ from experiments.common.command_line import preset_spec, preset_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "preset_times.md")
+RECORDS = os.path.join(ROOT, "docs", "preset_times.jsonl")  # every applied measurement, the newest per preset
 # A preset that reads another's outputs, and that other preset with the workdir it must write: measured
 # first, in the same scratch folder (attribute.py:example reads what attribution_example.py writes).
 PREREQUISITES = {"configs/attribute.py:example": ("configs/attribution_example.py", EXAMPLE_DIR)}
@@ -149,6 +150,8 @@ def read_records(path: str) -> dict[str, dict]:
 
 
 def apply(path: str) -> None:
+    """Writes the measured times of `path` into the configs, merges them into RECORDS (a newer record of a
+    preset replaces its older one) and rewrites DOC from every record."""
     records = read_records(path)
     descriptions = {preset_spec(p, s): d for p, s, d in preset_table()}
     for spec, record in records.items():
@@ -169,8 +172,12 @@ def apply(path: str) -> None:
         source = entry.sub(lambda m: m.group(1) + json.dumps(new, ensure_ascii=False), source, count=1)
         with open(source_path, "w", encoding="utf-8") as f:
             f.write(source)
-    _write_doc(records)
-    print(f"updated the configs' PRESETS and {DOC}; now run python -m tools.readme_presets")
+    merged = read_records(RECORDS) if os.path.exists(RECORDS) else {}
+    merged.update(records)
+    with open(RECORDS, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in merged.values())
+    _write_doc(merged)
+    print(f"updated the configs' PRESETS, {RECORDS} and {DOC}; now run python -m tools.readme_presets")
 
 
 def _write_doc(records: dict[str, dict]) -> None:
