@@ -189,27 +189,37 @@ class TraceEstimate:
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _probe_products(problem, dynamic, key, indices: jax.Array, size: int, dtype) -> tuple[jax.Array, jax.Array]:
     """(z_lᵀ A z_l for each probe index l, Σ_l z_l ⊙ A z_l) in one program: the probes (the same draws as
-    `probe_vectors`) are generated inside it and applied vmapped; index −1 marks padding (weight 0)."""
+    `probe_vectors`) are drawn together, then applied one after another inside a `lax.scan`, so the
+    products are never stored side by side (memory: the probes and a few (D,) vectors). On the CPU this
+    beat vmapping the products: 10 digits-MLP HVPs 1.0 vs 1.3 ms at D = 985, 5.3 vs 8.0 ms at 10^4,
+    60 vs 84 ms at 10^5 (drawing each probe inside the loop instead was slower from 10^4 on). Index −1
+    marks padding (weight 0); a non-finite product gives a NaN sample (the host raises)."""
     keep = (indices >= 0).astype(dtype)
     probes = _probes(key, jnp.maximum(indices, 0), size, dtype) * keep[:, None]
-    products = jax.vmap(lambda z: problem.apply(dynamic, z).astype(z.dtype))(probes)
-    finite = jnp.all(jnp.isfinite(products), axis=1)
-    samples = jnp.einsum("pd,pd->p", probes, products, precision=jax.lax.Precision.HIGHEST)
-    return jnp.where(finite, samples, jnp.nan), jnp.sum(probes * products, axis=0)
+
+    def step(diagonal_sum, probe):
+        product = problem.apply(dynamic, probe).astype(dtype)
+        finite = jnp.all(jnp.isfinite(product))
+        sample = jnp.dot(probe, product, precision=jax.lax.Precision.HIGHEST)
+        return diagonal_sum + probe * product, jnp.where(finite, sample, jnp.nan)
+
+    diagonal_sum, samples = jax.lax.scan(step, jnp.zeros((size,), dtype), probes)
+    return samples, diagonal_sum
 
 
 def hutchinson(matvec: Callable[[PyTree], PyTree], template: PyTree, num_probes: int, key: jax.Array, *,
                diagonal: bool = False, probe_batch: int | None = None, progress: bool = False) -> TraceEstimate:
     """tr(A) (and optionally diag(A)) from `num_probes` Rademacher probes (module docstring).
 
-    Compiled: groups of `probe_batch` probes (None: as many as fit DEFAULT_PROBE_MEMORY of (D,)
-    products) are applied by one vmapped program; a non-finite product raises FloatingPointError."""
+    Compiled: each group of `probe_batch` probes (None: as many as fit DEFAULT_PROBE_MEMORY of (D,)
+    probes) is one program that draws the group's probes and applies them one after another; a
+    non-finite product raises FloatingPointError."""
     layout = Layout.from_template(template)
     if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
         raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
     dtype = np.dtype(basis_dtype())
     if probe_batch is None:
-        probe_batch = probe_batch_size(num_probes, 2, layout.size, dtype.itemsize)
+        probe_batch = probe_batch_size(num_probes, 1, layout.size, dtype.itemsize)
     if isinstance(probe_batch, bool) or not isinstance(probe_batch, (int, np.integer)) or probe_batch < 1:
         raise ValueError(f"probe_batch must be a positive int or None, got {probe_batch!r}")
     problem, dynamic = make_problem(matvec, layout, None, None)

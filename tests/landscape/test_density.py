@@ -90,3 +90,27 @@ def test_negative_mass_band_excludes_the_null_space_node():
     assert density.negative_mass() == pytest.approx(0.05)
     assert density.near_zero_mass() == pytest.approx(0.75)
     assert density.negative_mass(relative_tol=0.0) == pytest.approx(0.80)
+
+
+def test_hutchinson_groups_and_padding_do_not_change_the_estimate(x64):
+    """probe_batch only splits the work: groups of 3 (the last one padded) give the same samples, trace
+    and diagonal as one group, each sample is z_lᵀ A z_l of the shared probes, and a non-finite
+    product raises instead of entering the mean."""
+    rng = np.random.default_rng(4)
+    a = random_symmetric(rng, 50, definite=False)
+    key = jax.random.key(5)
+    one = landscape.hutchinson(dense_operator(a), template_of(50), 7, key, diagonal=True)
+    groups = landscape.hutchinson(dense_operator(a), template_of(50), 7, key, diagonal=True, probe_batch=3)
+    probes = np.asarray(landscape.probe_vectors(key, 7, 50))
+    np.testing.assert_allclose(groups.samples, one.samples, rtol=1e-12)
+    np.testing.assert_allclose(one.samples, [z @ a @ z for z in probes], rtol=1e-10)
+    from jax.flatten_util import ravel_pytree
+
+    np.testing.assert_allclose(ravel_pytree(groups.diagonal)[0],
+                               np.mean(probes * (probes @ a), axis=0), rtol=1e-10, atol=1e-12)
+
+    def broken(tree):
+        return jax.tree_util.tree_map(lambda x: x * jnp.nan, tree)
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        landscape.hutchinson(broken, template_of(50), 4, key)
