@@ -78,24 +78,20 @@ def test_pbrf_benchmark_smoke_lm(tmp_path):
     _check_counterfactual(summary, tmp_path, "facts_lm", config.methods, 4, 3)
 
 
-def test_pbrf_benchmark_config_validation():
+@pytest.mark.parametrize("field, value", [
+    ("methods", ("ekfac", "influence")),
+    ("pbrf.facts_lm.optimizer", "lbfgs"),
+    ("damping", 0.0),
+    ("counterfactual.lds_subsets", 1),
+    ("counterfactual.lds_fraction", 1.0),
+])
+def test_pbrf_benchmark_config_validation(field, value):
+    """A bad value is refused before any work, and the message names the field."""
     config = config_lib.get_config("quick")
-    config.methods = ("ekfac", "influence")
-    with pytest.raises(ValueError, match="config.methods"):
-        pbrf_benchmark.validate_config(config)
-    config = config_lib.get_config("quick")
-    config.pbrf.facts_lm.optimizer = "lbfgs"
-    with pytest.raises(ValueError, match="config.pbrf.facts_lm.optimizer"):
-        pbrf_benchmark.validate_config(config)
-    config = config_lib.get_config("quick")
-    config.damping = 0.0
-    with pytest.raises(ValueError, match="config.damping"):
-        pbrf_benchmark.validate_config(config)
-    config = config_lib.get_config("quick")
-    config.counterfactual.lds_subsets = 1
-    with pytest.raises(ValueError, match="config.counterfactual.lds_subsets"):
-        pbrf_benchmark.validate_config(config)
-    config = config_lib.get_config("quick")
-    config.counterfactual.lds_fraction = 1.0
-    with pytest.raises(ValueError, match="config.counterfactual.lds_fraction"):
+    *parents, name = field.split(".")
+    section = config
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
+    with pytest.raises(ValueError, match=f"config.{field}"):
         pbrf_benchmark.validate_config(config)
