@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 
+from artifacts import atomic_write_text
 from configs.attribute import EXAMPLE_DIR
 from experiments.common.command_line import preset_spec, preset_table
 
@@ -174,8 +175,7 @@ def apply(path: str) -> None:
             f.write(source)
     merged = read_records(RECORDS) if os.path.exists(RECORDS) else {}
     merged.update(records)
-    with open(RECORDS, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in merged.values())
+    atomic_write_text(RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged.values()))
     _write_doc(merged)
     print(f"updated the configs' PRESETS, {RECORDS} and {DOC}; now run python -m tools.readme_presets")
 
@@ -194,8 +194,7 @@ def _write_doc(records: dict[str, dict]) -> None:
     for spec, r in records.items():
         wall = f"{r['seconds']:.0f} s" if r["seconds"] < 120 else f"{r['seconds'] / 60:.1f} min"
         lines.append(f"| `{spec}` | {wall} | {r['exit_code']} | {r['load_before']:.2f} → {r['load_after']:.2f} |")
-    with open(DOC, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(DOC, "\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:
