@@ -5,17 +5,26 @@ import numpy as np
 import pytest
 
 import landscape
-from landscape.density import gaussian_mixture, quadrature_from_tridiagonal
+from landscape.density import gaussian_mixture
 from tests.landscape.test_lanczos import dense_operator, planted_diagonal, random_symmetric, template_of
 
 
-def test_weights_are_the_squared_first_row_regression_pyhessian_bug():
-    """PyHessian squared the whole eigenvector matrix (PR #18 → #23); the weights are U[0, :]²."""
-    t = np.array([[2.0, 1.0, 0.0], [1.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
-    nodes, weights = quadrature_from_tridiagonal(t)
-    # eigenvalues 2 − √2, 2, 2 + √2 with eigenvectors (1, ∓√2, 1)/2 and (1, 0, −1)/√2
-    np.testing.assert_allclose(nodes, [2 - np.sqrt(2), 2.0, 2 + np.sqrt(2)], atol=1e-12)
-    np.testing.assert_allclose(weights, [0.25, 0.5, 0.25], atol=1e-12)
+def test_weights_are_the_squared_first_row_regression_pyhessian_bug(x64):
+    """PyHessian squared the whole eigenvector matrix (PR #18 → #23); the weights are U[0, :]². With
+    k = D = 3 steps, SLQ is exact: nodes are A's eigenvalues, weights (q_iᵀz)² / ‖z‖². A probe with
+    z_1 = z_3 is orthogonal to (1, 0, −1)/√2: its Krylov space breaks down after 2 steps, and its
+    quadrature holds the other two eigenvalues only."""
+    a = np.array([[2.0, 1.0, 0.0], [1.0, 2.0, 1.0], [0.0, 1.0, 2.0]])
+    key = jax.random.key(0)
+    values, vectors = np.linalg.eigh(a)  # 2 − √2, 2, 2 + √2 with eigenvectors (1, ∓√2, 1)/2, (1, 0, −1)/√2
+    probes = np.asarray(landscape.probe_vectors(key, 8, 3))
+    density = landscape.slq(dense_operator(a), template_of(3), 3, 8, key)
+    assert {len(nodes) for nodes in density.nodes} == {2, 3}  # both cases occur among these probes
+    for nodes, weights, z in zip(density.nodes, density.weights, probes):
+        expected = (vectors.T @ z) ** 2 / 3.0
+        seen = expected > 1e-12
+        np.testing.assert_allclose(nodes, values[seen], atol=1e-12)
+        np.testing.assert_allclose(weights, expected[seen], atol=1e-12)
 
 
 def test_slq_weights_moments_and_hutchinson_identity(x64):
@@ -114,3 +123,17 @@ def test_hutchinson_groups_and_padding_do_not_change_the_estimate(x64):
 
     with pytest.raises(FloatingPointError, match="non-finite"):
         landscape.hutchinson(broken, template_of(50), 4, key)
+
+
+def test_probe_vectors_are_independent_fair_signs_reproducible_per_index():
+    """The signs come from random bits (32 per uint32 word): ±1 only, about half of each, rows nearly
+    uncorrelated, odd sizes cut correctly, and probe l does not depend on how many probes are drawn."""
+    key = jax.random.key(7)
+    probes = np.asarray(landscape.probe_vectors(key, 6, 20_001, dtype=np.float32))
+    assert probes.shape == (6, 20_001) and set(np.unique(probes)) == {-1.0, 1.0}
+    assert np.all(np.abs(probes.mean(axis=1)) < 0.03)  # 4 standard deviations at n = 20,001
+    gram = probes @ probes.T / probes.shape[1]
+    assert np.all(np.abs(gram[~np.eye(6, dtype=bool)]) < 0.03)
+    # each coordinate of a word's 32 bits is a fair coin too (no bit position is stuck)
+    assert np.all(np.abs(probes[:, :19_968].reshape(6, -1, 32).mean(axis=(0, 1))) < 0.05)
+    np.testing.assert_array_equal(np.asarray(landscape.probe_vectors(key, 3, 20_001, dtype=np.float32)), probes[:3])
