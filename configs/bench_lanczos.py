@@ -37,7 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.slq_iters = 30
     config.hutchinson_probes = 20
     config.methods = ("lanczos", "slq", "hutchinson")
-    config.repeats = 3               # timed calls after the first (compiling) one; the median is reported
+    config.warmup = 2                # untimed calls, the first (compiling) one included
+    config.repeats = 3               # at least this many timed calls; the median is reported
+    config.min_timed_s = 0.5         # ... and more until the timed calls add up to this
     config.time_budget_s = 60.0      # per (method, library, D): no further timed call once spent
     config.matfree = True            # False: time ours only (also automatic when matfree is missing)
     if preset == "quick":

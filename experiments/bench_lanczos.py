@@ -17,8 +17,9 @@ Gram–Schmidt passes, the same start vector / probes):
   hutchinson  `hutchinson_probes` (ours: landscape.hutchinson; matfree:
               stochtrace.estimator_monte_carlo(monte_carlo_trace(), sampler_signs), under jax.jit).
 Timing (a loaded shared machine: compare within a run): `first_call_s` is the first call (tracing +
-compilation + one run), `median_s` the median of up to `repeats` further calls (after compilation),
-each ended by block_until_ready. For ours also `new_point_s`: a call on a new `hvp_fn` at other
+compilation + one run), then `warmup − 1` untimed calls, and `median_s` the median of the timed calls
+after them: at least `repeats`, and more until they add up to `min_timed_s` (a 15 ms call gets ≈ 30
+samples: two samples of it moved the ratio by ±25 %), each ended by block_until_ready. For ours also `new_point_s`: a call on a new `hvp_fn` at other
 parameters (same loss and shapes: must not recompile) and `new_iters_s`: a call with num_iters − 3
 (same 16-row bucket: must not recompile).
 Accuracy: max |θ_ours − θ_matfree| / |θ_max| over the top-10 and bottom-2 Ritz values (Lanczos),
@@ -41,7 +42,7 @@ import landscape
 from experiments.common import plots
 from experiments.common.config_checks import ConfigError, check_fields, integer, names_from, number
 from experiments.common.data import load_digits
-from experiments.common.timing import median_time
+from experiments.common.timing import interleaved_median_times
 from experiments.common.workdir import atomic_write_text
 from sketching.gradients import hvp
 
@@ -52,16 +53,17 @@ NUM_INPUTS, NUM_CLASSES = 64, 10
 def validate_config(config) -> None:
     check_fields("config", config, ("experiment", "preset", "seed", "target_dims", "num_examples", "num_iters",
                                     "slq_probes", "slq_iters", "hutchinson_probes", "methods", "repeats",
-                                    "time_budget_s", "matfree", "quiet"))
+                                    "warmup", "min_timed_s", "time_budget_s", "matfree", "quiet"))
     dims = tuple(config.target_dims)
     if not dims:
         raise ConfigError("config.target_dims must name at least one D")
     for d in dims:
         integer("config.target_dims entries", d, low=max(85, config.num_iters, config.slq_iters))
-    for name in ("num_examples", "num_iters", "slq_probes", "slq_iters", "hutchinson_probes", "repeats"):
+    for name in ("num_examples", "num_iters", "slq_probes", "slq_iters", "hutchinson_probes", "repeats", "warmup"):
         integer(f"config.{name}", config[name])
     names_from("config.methods", tuple(config.methods), METHODS)
     number("config.time_budget_s", config.time_budget_s, low=0.0, low_open=True)
+    number("config.min_timed_s", config.min_timed_s, low=0.0)
 
 
 def matfree_available() -> bool:
@@ -145,9 +147,15 @@ def matfree_fns(params, batch, config):
 # Measurements
 # ----------------------------------------------------------------------------------------------
 
-def _timed(fn, config) -> tuple[dict, object]:
-    stats = median_time(fn, warmup=1, repeats=config.repeats, budget_s=config.time_budget_s)
-    return stats, fn()
+def _timed(ours, theirs, config) -> tuple[dict, object, dict | None, object]:
+    """(ours' stats, ours' result, matfree's stats, matfree's result); with matfree (`theirs` not None)
+    the two are timed interleaved, call after call, so that drifting machine speed hits both alike."""
+    fns = {"ours": ours} if theirs is None else {"ours": ours, "matfree": theirs}
+    stats = interleaved_median_times(fns, warmup=config.warmup, repeats=config.repeats,
+                                     budget_s=config.time_budget_s, min_timed_s=config.min_timed_s)
+    if theirs is None:
+        return stats["ours"], ours(), None, None
+    return stats["ours"], ours(), stats["matfree"], theirs()
 
 
 def _block(result):
@@ -171,7 +179,9 @@ def measure_dimension(target_dim: int, config, use_matfree: bool) -> list[dict]:
 
     if "lanczos" in config.methods:
         k = config.num_iters
-        ours_stats, ours = _timed(lambda: _block_ritz(landscape.lanczos(operator, params, k, key, start=start)), config)
+        mf_lanczos = None if mf is None else (lambda: mf[0](start_flat, params))
+        ours_stats, ours, mf_stats, t = _timed(
+            lambda: _block_ritz(landscape.lanczos(operator, params, k, key, start=start)), mf_lanczos, config)
         record = {**base, "method": "lanczos", "num_iters": k, "ours": ours_stats,
                   "ours_top": ours.eigenvalues[:10].tolist(),
                   "ours_max_residual_top10": float(np.max(ours.residual_norms[:10]))}
@@ -184,7 +194,6 @@ def measure_dimension(target_dim: int, config, use_matfree: bool) -> list[dict]:
         _block_ritz(landscape.lanczos(operator, params, max(1, k - 3), key, start=start))
         record["ours_new_iters_s"] = time.perf_counter() - t0
         if mf is not None:
-            mf_stats, t = _timed(lambda: mf[0](start_flat, params), config)
             values = np.sort(np.linalg.eigvalsh(np.asarray(t, np.float64)))[::-1]
             record["matfree"] = mf_stats
             scale = abs(ours.eigenvalues[0])
@@ -200,12 +209,13 @@ def measure_dimension(target_dim: int, config, use_matfree: bool) -> list[dict]:
 
     if "slq" in config.methods:
         p, k = config.slq_probes, config.slq_iters
-        ours_stats, density = _timed(lambda: landscape.slq(operator, params, k, p, key), config)
+        probes = landscape.probe_vectors(key, p, dim)
+        mf_slq = None if mf is None else (lambda: mf[1](probes, params))
+        ours_stats, density, mf_stats, mf_out = _timed(lambda: landscape.slq(operator, params, k, p, key), mf_slq, config)
         record = {**base, "method": "slq", "num_iters": k, "probes": p, "ours": ours_stats,
                   "ours_trace": density.trace()}
         if mf is not None:
-            probes = landscape.probe_vectors(key, p, dim)
-            mf_stats, (nodes, weights) = _timed(lambda: mf[1](probes, params), config)
+            nodes, weights = mf_out
             mf_trace = dim * float(np.mean(np.sum(np.asarray(nodes) * np.asarray(weights), axis=1)))
             record["matfree"] = mf_stats
             record["matfree_trace"] = mf_trace
@@ -214,11 +224,12 @@ def measure_dimension(target_dim: int, config, use_matfree: bool) -> list[dict]:
 
     if "hutchinson" in config.methods:
         p = config.hutchinson_probes
-        ours_stats, estimate = _timed(lambda: landscape.hutchinson(operator, params, p, key), config)
+        mf_hutchinson = None if mf is None else (lambda: mf[2](key, params))
+        ours_stats, estimate, mf_stats, value = _timed(lambda: landscape.hutchinson(operator, params, p, key),
+                                                       mf_hutchinson, config)
         record = {**base, "method": "hutchinson", "probes": p, "ours": ours_stats, "ours_trace": estimate.mean,
                   "ours_stderr": estimate.stderr}
         if mf is not None:
-            mf_stats, value = _timed(lambda: mf[2](key, params), config)
             record["matfree"] = mf_stats
             record["matfree_trace"] = float(value)
             # Different Rademacher draws (matfree samples its own): agreement within the standard errors.

@@ -3,6 +3,8 @@
 * `median_time`: warm up first (the first call, which compiles unless `fn` is already compiled,
   plus more untimed calls), then time each call to completion with `jax.block_until_ready`; the
   median of the timed calls is reported. An optional time budget caps the number of calls.
+  `interleaved_median_times` does the same for several functions at once, alternating their calls,
+  so that a ratio of two of them is not skewed by the machine's speed drifting between them.
 * `aot_compile` / `memory_of` / `compiled_memory`: compile ahead of time once, and read XLA's own
   memory analysis of the executable (temporary buffers, arguments, outputs) from
   `jax.jit(f).lower(*args).compile().memory_analysis()`; the compiled executable can then be timed
@@ -22,7 +24,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 
@@ -47,42 +49,66 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
-def median_time(fn: Callable, *args: Any, warmup: int = 1, repeats: int = 5, budget_s: float | None = None) -> dict:
+def median_time(fn: Callable, *args: Any, warmup: int = 1, repeats: int = 5, budget_s: float | None = None,
+                min_timed_s: float = 0.0) -> dict:
     """Median wall time of `fn(*args)` (jitted or AOT-compiled) in seconds, after `warmup` untimed calls.
 
     The first call is always made and untimed (it includes compilation unless `fn` is compiled);
     `warmup - 1` further untimed calls follow, then up to `repeats` timed calls, each ended by
     `jax.block_until_ready`. With `budget_s`, no further warm-up or timed call is started once all
     calls so far (first call included) have used `budget_s` seconds, but at least one timed call is
-    always made: a call slower than the budget costs two calls, not `warmup + repeats`.
+    always made: a call slower than the budget costs two calls, not `warmup + repeats`. With
+    `min_timed_s`, timed calls go on past `repeats` until they add up to `min_timed_s` seconds (a
+    millisecond call gets enough samples for a stable median), still stopped by `budget_s`.
     Returns {"median_s", "min_s", "repeats", "warmup", "first_call_s"} ("repeats" and "warmup":
     the numbers of timed and untimed calls actually made).
     """
+    return interleaved_median_times({"fn": lambda: fn(*args)}, warmup=warmup, repeats=repeats, budget_s=budget_s,
+                                    min_timed_s=min_timed_s)["fn"]
+
+
+def interleaved_median_times(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5,
+                             budget_s: float | None = None, min_timed_s: float = 0.0) -> dict[str, dict]:
+    """`median_time` of several functions, their calls interleaved: every first call, then the warm-up
+    calls, then the timed calls round-robin (f1, f2, f1, f2, ...), so a machine whose speed drifts
+    during the measurement (other load, clock frequency) slows each function alike and their ratio
+    stays fair. `budget_s`, `repeats` and `min_timed_s` apply to each function separately.
+    Returns {name: median_time's dict}."""
     if warmup < 1 or repeats < 1:
         raise ValueError(f"median_time needs warmup >= 1 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
-    start = time.perf_counter()
+    spent = {name: 0.0 for name in fns}
+    first, warmups = {}, {name: 0 for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
 
-    def over_budget() -> bool:
-        return budget_s is not None and time.perf_counter() - start >= budget_s
-
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    warmups = 1
-    while warmups < warmup and not over_budget():
-        jax.block_until_ready(fn(*args))
-        warmups += 1
-    times: list[float] = []
-    while len(times) < repeats and not (times and over_budget()):
+    def call(name) -> float:
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return {
-        "median_s": statistics.median(times),
-        "min_s": min(times),
-        "repeats": len(times),
-        "warmup": warmups,
-        "first_call_s": first,
-    }
+        jax.block_until_ready(fns[name]())
+        elapsed = time.perf_counter() - t0
+        spent[name] += elapsed
+        return elapsed
+
+    def over_budget(name) -> bool:
+        return budget_s is not None and spent[name] >= budget_s
+
+    for name in fns:
+        first[name] = call(name)
+        warmups[name] = 1
+    for _ in range(warmup - 1):
+        for name in fns:
+            if not over_budget(name):
+                call(name)
+                warmups[name] += 1
+
+    def wants_more(name) -> bool:
+        enough = len(times[name]) >= repeats and sum(times[name]) >= min_timed_s
+        return not enough and not (times[name] and over_budget(name))
+
+    while any(wants_more(name) for name in fns):
+        for name in fns:
+            if wants_more(name):
+                times[name].append(call(name))
+    return {name: {"median_s": statistics.median(times[name]), "min_s": min(times[name]), "repeats": len(times[name]),
+                   "warmup": warmups[name], "first_call_s": first[name]} for name in fns}
 
 
 def aot_compile(fn: Callable, *args: Any):

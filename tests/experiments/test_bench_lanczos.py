@@ -11,7 +11,7 @@ from experiments.run import run_experiment
 def small_config():
     config = bench_config.get_config("quick")
     config.target_dims = (160,)
-    config.update(num_examples=32, num_iters=20, slq_probes=2, slq_iters=8, hutchinson_probes=3, repeats=1,
+    config.update(num_examples=32, num_iters=20, slq_probes=2, slq_iters=8, hutchinson_probes=3, repeats=1, min_timed_s=0.0,
                   time_budget_s=5.0)
     return config
 
