@@ -12,9 +12,11 @@ For each study (a classifier config: data, model, train) and each checkpoint ste
            relative error of its top eigenvalues against the full run.
 At the first and last checkpoint: SLQ density (Rademacher probes) and Hutchinson trace.
 Class sweep: the model retrained for each C in `class_counts` → outlier count vs C.
-Memory benchmark (`memory.enabled`): k Lanczos steps on a transformer LM with and without the
-sketched basis → Krylov-basis bytes (ratio D/m by construction), measured peak RSS and wall time
-(memory.md, memory.png, one metrics.jsonl record).
+Memory benchmark (`memory.enabled`): k Lanczos steps with and without the sketched basis on a
+transformer LM (`memory.model_name="transformer"`, random weights) or on all-MiniLM-L6-v2 + a fresh
+4-class head (`"minilm"`, pretrained weights, the generated text set) → Krylov-basis bytes (ratio D/m
+by construction), measured peak RSS, wall time, residual certificates and the sketched top-10 against
+the full-basis top-10 (memory.md, memory.png, one metrics.jsonl record).
 
 Outputs: metrics.jsonl (one record per study/checkpoint), spectrum_<study>.png, outliers_vs_classes.png,
 density_<study>.png, and summary.json with flat keys `<study>/step<s>/<metric>` and `<study>/...`.
@@ -46,6 +48,7 @@ _SPECTRUM_FIELDS = {"num_examples", "batch_size", "num_iters", "float64", "sketc
                     "accuracy_sketches", "accuracy_ms"}
 ACCURACY_THRESHOLDS = (0.2, 0.1, 0.05)
 _STUDY_EXTRA_FIELDS = {"checkpoints", "class_counts", "spectrum"}
+MEMORY_MODELS = ("transformer", "minilm")
 
 
 def validate_config(config) -> None:
@@ -82,7 +85,9 @@ def validate_config(config) -> None:
             raise ValueError(f"config.memory.num_iters={m.num_iters} exceeds config.memory.sketch_m={m.sketch_m}")
         if m.sketch not in sketching.NAMES:
             raise ValueError(f"config.memory.sketch={m.sketch!r}; allowed values: {list(sketching.NAMES)}")
-        models_lib.validate_model_config("transformer", m.model.to_dict())
+        checks.one_of("config.memory.model_name", m.model_name, MEMORY_MODELS)
+        if m.model_name == "transformer":
+            models_lib.validate_model_config("transformer", m.model.to_dict())
 
 
 def study_spectrum(config, name: str):
@@ -317,14 +322,34 @@ def _run_study(name: str, study, config, workdir: Workdir, quiet: bool) -> tuple
 # Memory benchmark
 # ----------------------------------------------------------------------------------------------
 
-def _run_memory(config) -> dict:
+def _memory_problem(config):
+    """(loss_fn, params, batch, description) of the memory benchmark's model: the random-weight
+    transformer LM of `memory.model` on random tokens, or all-MiniLM-L6-v2 + a fresh head (pretrained
+    weights, loaded offline) on the first `memory.num_examples` texts of the generated 4-class set."""
     m = config.memory
+    if m.model_name == "minilm":
+        from configs import finetune_classifier
+        study = finetune_classifier.get_config(None)
+        study.max_len = m.max_len
+        study.data.update(num_train=m.num_examples, num_test=8)
+        setup = classifier.prepare(study)
+        batch = data_lib.take(setup.train_arrays, np.arange(m.num_examples))
+        description = (f"all-MiniLM-L6-v2 + a fresh {study.data.num_classes}-class head (pretrained weights), "
+                       f"{m.num_examples} generated texts × {m.max_len} tokens")
+        return models_lib.make_loss_fns(setup.model).loss_fn, setup.params, batch, description
     rng = np.random.default_rng(config.seed)
     options = m.model.to_dict()
     tokens = rng.integers(0, options["vocab_size"], (m.num_examples, options["max_len"])).astype(np.int32)
     batch = data_lib.lm_arrays(tokens, np.ones(tokens.shape, np.float32))
     model, params = models_lib.build_model("transformer", jax.random.key(config.seed), batch, **options)
-    loss_fn = models_lib.make_loss_fns(model).loss_fn
+    description = (f"transformer LM (random weights, {options['num_layers']} layers, d_model {options['d_model']}), "
+                   f"{m.num_examples} random sequences × {options['max_len']} tokens")
+    return models_lib.make_loss_fns(model).loss_fn, params, batch, description
+
+
+def _run_memory(config) -> dict:
+    m = config.memory
+    loss_fn, params, batch, description = _memory_problem(config)
     matvec = landscape.hvp_fn(loss_fn, params, [batch])
     num_params = models_lib.count_params(params)
     key = jax.random.key(config.seed)
@@ -356,6 +381,7 @@ def _run_memory(config) -> dict:
                     out[f"memory/{label}/converged_top{top}"] = int(np.sum(result.residual_norms[:top] <= 1e-6 * scale))
             out[f"memory/{label}/ghost_pairs_top10"] = ghost_pairs(result.eigenvalues[:10], scale)
             out[f"memory/{label}/top10"] = [float(v) for v in result.eigenvalues[:10]]
+            out[f"memory/{label}/rneg"] = landscape.rneg(result.eigenvalues)
             del result
     if m.full_num_iters:
         per_step = {label: out[f"memory/{label}/basis_bytes"] / (out[f"memory/{label}/num_iters"] + 1)
@@ -365,7 +391,14 @@ def _run_memory(config) -> dict:
                                                        / max(out["memory/sketched/peak_rss_delta_bytes"], 1))
         out["memory/time_per_step_ratio_full_over_sketched"] = (
             (out["memory/full/seconds"] / m.full_num_iters) / (out["memory/sketched/seconds"] / m.num_iters))
+        top = min(10, m.full_num_iters, m.num_iters)
+        errors = landscape.relative_errors(np.asarray(out["memory/sketched/top10"]), np.asarray(out["memory/full/top10"]), top)
+        out[f"memory/sketched/top{top}_mean_rel_err_vs_full"] = float(errors.mean())
+        out[f"memory/sketched/top{top}_max_rel_err_vs_full"] = float(errors.max())
+        out[f"memory/sketched/top{top}_affine_rel_err_vs_full"] = landscape.affine_relative_error(
+            np.asarray(out["memory/sketched/top10"]), np.asarray(out["memory/full/top10"]), top)
     out["memory/D_over_m"] = num_params / m.sketch_m
+    out["memory/description"] = description
     return out
 
 
@@ -455,14 +488,20 @@ def run(config, workdir: Workdir) -> dict:
 def _memory_report(memory: dict, config, workdir: Workdir) -> None:
     """memory.md (full vs sketched Krylov basis: steps, time, peak memory, accuracy) and memory.png."""
     labels = [label for label in ("full", "sketched") if f"memory/{label}/seconds" in memory]
-    rows = ["| basis | Krylov steps | seconds | basis (MB) | peak RSS rise (MB) | λ_max |", "|---|---|---|---|---|---|"]
+    rows = ["| basis | Krylov steps | seconds | basis (MB) | peak RSS rise (MB) | λ_max | RNEG | top-10 certified "
+            "(β_k·|s_k| ≤ 1e-6·λ_max) | ghost pairs in top-10 |", "|---|---|---|---|---|---|---|---|---|"]
     for label in labels:
-        get = lambda field: memory[f"memory/{label}/{field}"]  # noqa: E731
+        get = lambda field, default=float("nan"): memory.get(f"memory/{label}/{field}", default)  # noqa: E731
         rows.append(f"| {label} | {get('num_iters')} | {get('seconds'):.1f} | {get('basis_bytes') / 2**20:.3g} | "
-                    f"{get('peak_rss_delta_bytes') / 2**20:.1f} | {get('lambda_max'):.4g} |")
+                    f"{get('peak_rss_delta_bytes') / 2**20:.1f} | {get('lambda_max'):.4g} | {get('rneg'):.3g} | "
+                    f"{get('converged_top10', 'n/a')} | {get('ghost_pairs_top10')} |")
     lines = ["# Lanczos memory: full vs sketched Krylov basis", "",
-             f"Transformer LM with D = {memory['memory/num_params']:,} parameters; sketched basis in R^m with "
-             f"m = {config.memory.sketch_m} ({config.memory.sketch}), D/m = {memory['memory/D_over_m']:.0f}.", ""] + rows
+             f"{memory['memory/description']}: D = {memory['memory/num_params']:,} parameters; sketched basis in R^m "
+             f"with m = {config.memory.sketch_m} ({config.memory.sketch}), D/m = {memory['memory/D_over_m']:.0f}.", ""] + rows
+    errors = sorted(key for key in memory if key.endswith("_rel_err_vs_full"))
+    if errors:
+        lines += ["", "Sketched top eigenvalues against the full basis: " + "; ".join(
+            f"{key.split('/')[-1].removesuffix('_vs_full').replace('_', ' ')} {memory[key]:.3g}" for key in errors) + "."]
     if "memory/peak_ratio_full_over_sketched" in memory:
         lines += ["", f"Basis bytes per step, full / sketched: {memory['memory/basis_ratio_full_over_sketched_per_step']:.0f}× "
                   f"(= D/m by construction); peak RSS rise, full / sketched: {memory['memory/peak_ratio_full_over_sketched']:.1f}×; "

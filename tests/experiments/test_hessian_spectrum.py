@@ -67,6 +67,21 @@ def test_k1000_preset_shrunk(tmp_path):
     assert summary["memory/sketched/basis_bytes"] == 41 * 64 * 8
     assert summary["memory/sketched/max_rel_residual_top10"] < 1.0
     assert summary["memory/sketched/ghost_pairs_top10"] == 0
+    # the sketched top-8 against the full basis's, raw and after the best affine map (Table 7 protocol)
+    raw, affine = summary["memory/sketched/top8_mean_rel_err_vs_full"], summary["memory/sketched/top8_affine_rel_err_vs_full"]
+    assert 0.0 <= affine <= raw + 1e-12
+    report = (tmp_path / "memory.md").read_text()
+    assert "transformer LM (random weights" in report and "top8 affine rel err" in report
+
+
+def test_minilm_k1000_preset_and_memory_model_validation():
+    config = hs_config.get_config("minilm_k1000")
+    assert (config.memory.model_name, config.memory.num_iters, config.memory.sketch) == ("minilm", 1000, "qk")
+    assert config.memory.num_iters <= config.memory.sketch_m and config.studies == ()
+    hessian_spectrum.validate_config(config)
+    config.memory.model_name = "gpt5"
+    with pytest.raises(ValueError, match="config.memory.model_name.*'transformer', 'minilm'"):
+        hessian_spectrum.validate_config(config)
 
 
 def test_paper_schedule_preset_shrunk(tmp_path):
