@@ -17,7 +17,7 @@ PRESETS = {
     "quick": "planted k = 16, dense/affd/qk, doubling + binary + single-run searches (≈ 1.5 min)",
     "planted": "planted k = 64, five sketches, doubling + single-run searches (≈ 15 min on loaded cores)",
     "digits": "digits MLP and CNN, affd and qk, doubling + single-run searches (≈ 16 min on loaded cores)",
-    "minilm": "all-MiniLM-L6-v2 on the generated 4-class text set, qk, single-run search + D*/2 verification (≈ 35 min on loaded cores)",
+    "minilm": "all-MiniLM-L6-v2 on the generated 4-class text set, qk, single-run search + D*/2 verification (≈ 4.5 min)",
     "minilm_doubling": "MiniLM, qk, the multi-run doubling search beside the single run (not run; ≈ 90 min on 2 CPU cores)",
 }
 
