@@ -18,7 +18,7 @@ import ml_collections
 # One line per preset for `python -m experiments.run --list` (times: 2 loaded CPU cores).
 PRESETS = {
     "": "ours vs matfree (Lanczos, SLQ, Hutchinson) on a digits-MLP HVP at D ≈ 10^3 … 10^6 (> 30 min; D = 10^6 dominates)",
-    "quick": "the same at D ≈ 10^3 … 10^5 with fewer probes and repeats (≈ 40 s)",
+    "quick": "the same at D ≈ 10^3 … 10^5 with fewer probes and repeats (≈ 1 min)",
 }
 
 

@@ -29,7 +29,7 @@ from configs import finetune_classifier
 PRESETS = {
     "": "digits MLP + MiniLM spectra over training, class sweeps, SLQ (≈ 25 min)",
     "quick": "the digits MLP only, small budgets (≈ 30 s)",
-    "paper": "the paper's schedule with SGD, k = 1000 sketched Arnoldi + full Lanczos, digits MLP (≈ 3 min)",
+    "paper": "the paper's schedule with SGD, k = 1000 sketched Arnoldi + full Lanczos, digits MLP (≈ 2.5 min)",
     "paper_quick": "the paper's schedule to step 500, k = 300, smaller MLP (≈ 30 s)",
     "memory": "k = 100 Lanczos on a 2.1M-parameter LM, full vs sketched basis (≈ 50 s)",
     "k1000": "k = 1000 sketched Arnoldi (AFFD, m = 4096) on the 2.1M-parameter LM, full basis at k = 100 (≈ 1.5 min)",

@@ -32,6 +32,7 @@ import numpy as np
 
 import landscape
 import sketching
+from configs import finetune_classifier as classifier_configs
 from landscape.lanczos import direct_residuals, warm_up
 from experiments.common import config_checks as checks
 from experiments.common import data as data_lib
@@ -328,8 +329,7 @@ def _memory_problem(config):
     weights, loaded offline) on the first `memory.num_examples` texts of the generated 4-class set."""
     m = config.memory
     if m.model_name == "minilm":
-        from configs import finetune_classifier
-        study = finetune_classifier.get_config(None)
+        study = classifier_configs.get_config(None)
         study.max_len = m.max_len
         study.data.update(num_train=m.num_examples, num_test=8)
         setup = classifier.prepare(study)
