@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from landscape.lanczos import STATUS_NONFINITE, _krylov_batch, _raise_nonfinite, basis_dtype, basis_rows, make_problem
+from landscape.lanczos import (STATUS_NONFINITE, _krylov_batch, _raise_nonfinite, basis_dtype, basis_rows,
+                               check_positive_int, make_problem)
 from sketching.layout import Layout
 
 PyTree = Any
@@ -34,8 +35,7 @@ PyTree = Any
 
 def probe_vectors(key: jax.Array, num_probes: int, size: int, dtype=None) -> jax.Array:
     """(num_probes, size) Rademacher probes; probe l is drawn from fold_in(key, l) (any subset reproducible)."""
-    if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+    check_positive_int("num_probes", num_probes)
     dtype = basis_dtype() if dtype is None else dtype
     return _probes(key, jnp.arange(num_probes), int(size), np.dtype(dtype))
 
@@ -150,12 +150,10 @@ def slq(matvec: Callable[[PyTree], PyTree], template: PyTree, num_iters: int, nu
     DEFAULT_PROBE_MEMORY (probe_batch · (num_iters + 1) · D numbers); 1 runs the probes one by one.
     The probes are `probe_vectors(key, num_probes, D)`, the same as `hutchinson`'s."""
     layout = Layout.from_template(template)
-    if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
-        raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+    check_positive_int("num_iters", num_iters)
     if num_iters > layout.size:
         raise ValueError(f"num_iters={num_iters} exceeds the number of parameters D = {layout.size}")
-    if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+    check_positive_int("num_probes", num_probes)
     dtype = np.dtype(basis_dtype())
     rows = basis_rows(int(num_iters), layout.size, dtype.itemsize)
     if probe_batch is None:
@@ -241,8 +239,7 @@ def hutchinson(matvec: Callable[[PyTree], PyTree], template: PyTree, num_probes:
     probes) is one program that draws the group's probes and applies them one after another; a
     non-finite product raises FloatingPointError."""
     layout = Layout.from_template(template)
-    if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
+    check_positive_int("num_probes", num_probes)
     dtype = np.dtype(basis_dtype())
     if probe_batch is None:
         probe_batch = probe_batch_size(num_probes, 1, layout.size, dtype.itemsize)

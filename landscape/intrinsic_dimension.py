@@ -38,6 +38,7 @@ import optax
 
 import artifacts
 import sketching
+from landscape.lanczos import check_positive_int
 from sketching.gradients import add_to_params
 
 PyTree = Any
@@ -81,12 +82,11 @@ class Subspace:
 
 def make_subspace(name: str, d: int, theta0: PyTree, key: jax.Array, **options) -> Subspace:
     """The subspace of dimension d through sketch `name` (any of sketching.NAMES) at θ0."""
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-        raise ValueError(f"d must be a positive int, got {d!r}")
-    sketch = sketching.get(name, int(d), **options)
+    d = check_positive_int("d", d)
+    sketch = sketching.get(name, d, **options)
     state = sketch.init(key, theta0)
     num_params = state.layout.size
-    return Subspace(sketch, state, theta0, math.sqrt(int(d) / num_params))
+    return Subspace(sketch, state, theta0, math.sqrt(d / num_params))
 
 
 def accepted_dimension(name: str, d: int, template: PyTree, **options) -> int:
@@ -451,12 +451,6 @@ class _Checkpoint:
         return z, jax.tree_util.tree_unflatten(treedef, restored), header
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def single_run_search(
     loss_fn: Callable[[PyTree, Any], jax.Array],
     subspace: Subspace,
@@ -504,13 +498,13 @@ def single_run_search(
     how ∇_z L is computed (`masked_step_fn`).
     """
     d_max = subspace.dimension
-    d_min = _check_positive_int("d_min", d_min)
+    d_min = check_positive_int("d_min", d_min)
     if d_min > d_max:
         raise ValueError(f"d_min must be <= the subspace dimension D_max={d_max}, got {d_min}")
-    interval = _check_positive_int("interval", interval)
+    interval = check_positive_int("interval", interval)
     if max_steps is not None:
-        max_steps = _check_positive_int("max_steps", max_steps)
-    checkpoint_every = interval if checkpoint_every is None else _check_positive_int("checkpoint_every", checkpoint_every)
+        max_steps = check_positive_int("max_steps", max_steps)
+    checkpoint_every = interval if checkpoint_every is None else check_positive_int("checkpoint_every", checkpoint_every)
     if target_metric is None or not np.isfinite(target_metric):
         raise ValueError(f"target_metric must be a finite number (τ90), got {target_metric!r}")
     if delta is None or not np.isfinite(delta):
@@ -603,8 +597,8 @@ def verification_run(
     """The paper's check of D*: train from z = 0 in the same D_max-dimensional subspace with only the
     first d = D*/2 coordinates trainable (fixed mask) for `num_steps` steps; D* is confirmed when the
     returned metric stays below τ90 (Schioppa 2024, Sec. 4)."""
-    d = _check_positive_int("d", d)
-    num_steps = _check_positive_int("num_steps", num_steps)
+    d = check_positive_int("d", d)
+    num_steps = check_positive_int("num_steps", num_steps)
     if d > subspace.dimension:
         raise ValueError(f"d must be <= the subspace dimension {subspace.dimension}, got {d}")
     step_fn = masked_step_fn(loss_fn, subspace, optimizer, mode=mode)

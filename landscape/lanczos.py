@@ -146,6 +146,13 @@ class KrylovResult:
         return self.eigenvalues[::-1][:k]
 
 
+def check_positive_int(name: str, value) -> int:
+    """`value` as an int, or ValueError naming `name` unless it is an int ≥ 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def _check_count(name: str, value, upper: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= upper:
         raise ValueError(f"{name} must be an int in [1, {upper}], got {value!r}")
@@ -478,8 +485,7 @@ def make_problem(matvec: Matvec, layout: Layout, sketch: Sketch | None, state, *
 def _run(matvec, template, num_iters, key, *, sketch, start, start_distribution, reorthogonalize, progress,
          description, stop_after=None):
     layout = Layout.from_template(template)
-    if isinstance(num_iters, bool) or not isinstance(num_iters, (int, np.integer)) or num_iters < 1:
-        raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+    check_positive_int("num_iters", num_iters)
     dtype = basis_dtype()
     key_start, key_sketch = jax.random.split(key)
     if sketch is None:
