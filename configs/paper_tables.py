@@ -51,9 +51,9 @@ def get_config(arg=None):
         config.table7.update(log2_ms=(7, 10), num_iters=30)
         config.cost.model.update(num_layers=2, d_model=128, num_heads=4, vocab_size=4096, max_len=32)
         config.cost.update(batch_size=2, log2_m=12, repeats=2)
-        config.table11.update(log2_d=18, log2_ms=(10, 12, 14), repeats=2)
+        config.table11.update(log2_d=17, log2_ms=(10, 12, 14), repeats=2)
         config.layers.update(models=("tiny_lm",), num_iters=20, whole_model_log2_m=13)
         # batch 4 at m = 2^16 reached 12 GB RSS (implicit mode) on a shared 24 GB machine and was OOM-killed.
-        config.tda_cost.update(log2_ms=(12, 16), implicit_log2_ms=(12,), max_lens=(16, 512), maps=("afjl",),
+        config.tda_cost.update(log2_ms=(12,), implicit_log2_ms=(12,), max_lens=(16, 512), maps=("afjl",),
                                batch_size=2, repeats=2)
     return config

@@ -296,11 +296,18 @@ def sketch_rows(name, options, m, seed, rows: np.ndarray, chunk: int = 32) -> np
 
 
 def first_reaching(values: dict, thresholds, above: bool) -> list:
+    """The smallest key whose value is ≥ (above) or < (below) each threshold; None where none is."""
     out = []
     for t in thresholds:
         hits = [k for k in sorted(values) if (values[k] >= t if above else values[k] < t)]
         out.append(hits[0] if hits else None)
     return out
+
+
+def reached_all(values: dict, thresholds, above: bool) -> bool:
+    """Whether every threshold is already reached. The searches of Tables 6 and 7 stop a map there, in
+    increasing m: a larger m cannot change the smallest m that reached a threshold."""
+    return bool(values) and all(k is not None for k in first_reaching(values, thresholds, above))
 
 
 def run_table6(task: GradientTask, config, quiet: bool) -> dict:
@@ -312,7 +319,8 @@ def run_table6(task: GradientTask, config, quiet: bool) -> dict:
     for algo, which, (name, options), log2_m in tqdm(todo, desc=f"table 6 ({task.name})", disable=quiet):
         m = 1 << log2_m
         key = f"{algo}/{which}"
-        if m > task.num_params or not _fits(name, options, m, task.num_params):
+        if m > task.num_params or not _fits(name, options, m, task.num_params) \
+                or reached_all(out["r"].get(key, {}), THRESHOLDS_R, above=True):
             continue
         rs = []
         for seed in range(config.table6.seeds):
@@ -341,7 +349,8 @@ def run_table7(task: GradientTask, config, quiet: bool) -> dict:
     todo = [(a, w, e, lm) for a, w, e in _variants(config.table7.maps) for lm in config.table7.log2_ms]
     for algo, which, (name, options), log2_m in tqdm(todo, desc="table 7", disable=quiet):
         m = 1 << log2_m
-        if m > task.num_params or not _fits(name, options, m, task.num_params):
+        if m > task.num_params or not _fits(name, options, m, task.num_params) \
+                or reached_all(out["error"].get(f"{algo}/{which}", {}), THRESHOLDS_EIG, above=False):
             continue
         values = _lanczos_top(task, min(iters, m), sketch=sketching.get(name, m, **options))
         err = landscape.affine_relative_error(values, reference, 10)
@@ -542,6 +551,17 @@ def _fmt(v, digits=2):
     return str(v)
 
 
+_STOPPED_NOTE = ("·: not computed, every threshold was already reached at a smaller m; "
+                 "—: not computed, the map does not take this m at this D.")
+
+
+def _search_cells(values: dict, grid, thresholds, above: bool) -> str:
+    """One row of a search table: the value at each grid point, "·" past the point where the search stopped."""
+    stopped = reached_all(values, thresholds, above)
+    cells = ["·" if stopped and g not in values and g > max(values) else _fmt(values.get(g), 3) for g in grid]
+    return " | ".join(cells)
+
+
 def _triple(values):
     return " / ".join(_fmt(v) for v in values)
 
@@ -565,8 +585,8 @@ def _report_table6(results: dict, config) -> list[str]:
         lines += ["r at each log2 m:", "", "| map | " + " | ".join(str(g) for g in grid) + " |",
                   "|---|" + "---|" * len(grid)]
         for key, rs in res["r"].items():
-            lines.append(f"| {key} | " + " | ".join(_fmt(rs.get(g), 3) for g in grid) + " |")
-        lines.append("")
+            lines.append(f"| {key} | " + _search_cells(rs, grid, THRESHOLDS_R, above=True) + " |")
+        lines += ["", _STOPPED_NOTE, ""]
     return lines
 
 
@@ -584,8 +604,8 @@ def _report_table7(res: dict, config) -> list[str]:
     grid = list(config.table7.log2_ms)
     lines += ["| map | " + " | ".join(str(g) for g in grid) + " |", "|---|" + "---|" * len(grid)]
     for key, errs in res["error"].items():
-        lines.append(f"| {key} | " + " | ".join(_fmt(errs.get(g), 3) for g in grid) + " |")
-    return lines + [""]
+        lines.append(f"| {key} | " + _search_cells(errs, grid, THRESHOLDS_EIG, above=False) + " |")
+    return lines + ["", _STOPPED_NOTE, ""]
 
 
 def _report_cost(res: dict, config) -> list[str]:

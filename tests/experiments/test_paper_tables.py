@@ -60,6 +60,7 @@ def test_quick_preset_validates_and_bad_fields_are_named():
 def test_tda_cost_report_rows_per_sequence_length_and_the_best_map():
     """Explicit rows at every sequence length, implicit rows at the shortest only, and the best ratio named."""
     c = config_module.get_config("quick")
+    c.tda_cost.log2_ms = (12, 16)
     res = {"num_params": 22_566_916, "batch_size": 2, "gradient_ms": {"16": 70.0, "128": 560.0},
            "ratio": {"afjl/paper/explicit/12/L16": 3.7, "afjl/paper/explicit/16/L16": 3.5,
                      "afjl/paper/implicit/12/L16": 280.0, "afjl/paper/explicit/12/L128": 1.2,
@@ -84,3 +85,19 @@ def test_affine_error_and_layer_groups():
     assert paper_tables.layer_of("['encoder']['layer']['3']['attention']['kernel']") == "encoder/layer/3"
     assert paper_tables.layer_of("['Block_1']['mlp']['kernel']") == "Block_1"
     assert paper_tables.layer_of("['embed']['embedding']") == "embed"
+
+
+def test_search_stops_a_map_once_every_threshold_is_reached():
+    """The smallest-m search stops a map at the first m reaching the strictest threshold; the report marks
+    the skipped grid points "·" (not "—", which means the map does not take that m)."""
+    rising = {6: 0.90, 9: 0.985}
+    assert not paper_tables.reached_all(rising, paper_tables.THRESHOLDS_R, above=True)
+    rising[12] = 0.995
+    assert paper_tables.reached_all(rising, paper_tables.THRESHOLDS_R, above=True)
+    assert paper_tables.first_reaching(rising, paper_tables.THRESHOLDS_R, above=True) == [9, 9, 12]
+    assert not paper_tables.reached_all({}, paper_tables.THRESHOLDS_R, above=True)
+    falling = {7: 0.04}
+    assert paper_tables.reached_all(falling, paper_tables.THRESHOLDS_EIG, above=False)
+    assert paper_tables._search_cells(falling, [7, 10], paper_tables.THRESHOLDS_EIG, above=False) == "0.040 | ·"
+    short = {7: 0.15}
+    assert paper_tables._search_cells(short, [5, 7, 10], paper_tables.THRESHOLDS_EIG, above=False) == "— | 0.150 | —"
