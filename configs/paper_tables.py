@@ -30,18 +30,22 @@ def get_config(arg=None):
     config.minilm = ml_collections.ConfigDict(dict(
         enabled=True, train_steps=16, num_queries=64, num_train=64, max_len=20,
         gradient_params=("layer']['4']", "layer']['5']", "classifier", "head")))
-    config.table6 = ml_collections.ConfigDict(dict(log2_ms=tuple(range(6, 17)), seeds=3, models=("tiny_lm", "minilm")))
+    # each map's search stops at the first m reaching r ≥ 0.99 (a larger m cannot change the table)
+    config.table6 = ml_collections.ConfigDict(dict(log2_ms=tuple(range(7, 17)), seeds=3, models=("tiny_lm", "minilm")))
     config.table7 = ml_collections.ConfigDict(dict(log2_ms=(6, 7, 8, 9, 10, 11, 12), num_iters=64,
                                                    maps=("affd", "afjl", "qk")))
     config.cost = ml_collections.ConfigDict(dict(
         model=ml_collections.ConfigDict(dict(num_layers=6, d_model=384, num_heads=6, vocab_size=16384, max_len=64)),
-        batch_size=4, log2_m=16, hvp=True, repeats=5, algos=("fjl", "ffd", "affd", "afjl", "qk")))
-    config.table11 = ml_collections.ConfigDict(dict(log2_d=22, log2_ms=(12, 13, 14, 15, 16, 17, 18), repeats=3))
+        batch_size=4, log2_m=16, hvp=True, repeats=3, algos=("fjl", "ffd", "affd", "afjl", "qk")))
+    # a map slower than max_call_s per call (the dense projector) is not timed at larger m
+    config.table11 = ml_collections.ConfigDict(dict(log2_d=18, log2_ms=(12, 13, 14, 15, 16, 17, 18), repeats=3,
+                                                    max_call_s=30.0))
     config.layers = ml_collections.ConfigDict(dict(models=("tiny_lm", "minilm"), whole_model_log2_m=13, num_iters=40))
-    # explicit mode at every sequence length in max_lens, implicit at the shortest one only
-    config.tda_cost = ml_collections.ConfigDict(dict(log2_ms=(12, 14, 16), implicit_log2_ms=(12, 14, 16),
-                                                     max_lens=(20, 128, 512), maps=("affd", "afjl", "qk"),
-                                                     batch_size=8, repeats=3))
+    # explicit mode at every sequence length in max_lens, implicit at the shortest one only (an implicit
+    # per-example sketch of all of MiniLM takes tens of seconds per call on this CPU)
+    config.tda_cost = ml_collections.ConfigDict(dict(log2_ms=(12, 16), implicit_log2_ms=(12,),
+                                                     max_lens=(16, 128, 512), maps=("affd", "afjl", "qk"),
+                                                     batch_size=2, repeats=3))
     if arg == "quick":
         config.tiny_lm.update(train_steps=100, num_queries=32, num_train=32, hessian_examples=32)
         # the last block's feed-forward output layer and the head: D = 0.59M (the whole last block: 1.78M)
