@@ -2,15 +2,15 @@
 our variant (experiments/paper_tables.py), written to report.md.
 
     python -m experiments.run --config configs/paper_tables.py:quick --workdir runs/paper_tables_quick
-Presets: default (the largest this 2-core CPU allows), quick (every table, smaller grids); their times
-are in PRESETS below.
+Presets: default (every table at the largest scale that fits about an hour on 2 CPU cores), quick
+(every table, smaller grids); their times are in PRESETS below.
 """
 import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "every table at the largest CPU scale: MiniLM last two layers + tiny LM, m up to 2^16 (≈ 1 h)",
-    "quick": "every table on small grids: tiny LM, MiniLM's last feed-forward layer, small timing grids (≈ 10 min)",
+    "": "every table on full grids: tiny LM + MiniLM's last two layers, 2^12 pairs, m up to 2^16 (≈ 1 h)",
+    "quick": "every table on small grids: tiny LM, MiniLM's last feed-forward layer, small timing grids (≈ 8 min)",
 }
 
 

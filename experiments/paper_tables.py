@@ -27,12 +27,15 @@ model is scaled down (the report says to what); no GPU figure is claimed.
              `tda_cost.implicit_log2_ms` for the shortest length only.
 
 Outputs: report.md (the tables), results.json (every number), table6.png, table7.png,
-table11.png, summary.json (flat headline numbers, written by the runner).
+table11.png, summary.json (flat headline numbers, written by the runner), and section_<name>.json
+per finished section: rerunning the same command after an interruption reads those and runs only
+the sections still missing.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from typing import Any
 
@@ -44,6 +47,7 @@ from tqdm import tqdm
 
 import landscape
 import sketching
+from artifacts import read_json
 from configs import finetune_classifier as classifier_configs
 from configs import train_lm as lm_configs
 from experiments.common import config_checks as checks
@@ -103,6 +107,9 @@ PAPER_TABLE11 = {12: (359, 213, 84), 13: (594, 207, 87), 14: (1078, 207, 91), 15
 PAPER_TABLE1 = {"Tok.Emb": (0.16, 0.72), "1": (0.75, 0.24), "2": (0.89, 0.31), "3": (0.90, 0.19),
                 "4": (0.89, 0.24), "5": (0.78, 0.37), "6": (0.38, 0.40)}  # GPT-2 layer: r, eig. err.
 PRECONDITIONERS = {"H": "hadamard", "F": "hartley", "Q": "orthogonal"}
+# Table 11's maps: (label, sketch name, options)
+TABLE11_MAPS = (("dense (TRAK's method)", "dense", {}), ("affd", "affd", {}), ("qk", "qk", {}),
+                ("affd ours", *MAPS["affd"]["ours"]), ("qk ours", *MAPS["qk"]["ours"]))
 
 _TOP_FIELDS = {"experiment", "seed", "quiet", "sections", "maps", "tiny_lm", "minilm", "table6", "table7", "cost",
                "table11", "layers", "tda_cost"}
@@ -296,6 +303,11 @@ def sketch_rows(name, options, m, seed, rows: np.ndarray, chunk: int = 32) -> np
     return np.concatenate([np.asarray(fn(state, jnp.asarray(rows[i:i + chunk]))) for i in range(0, len(rows), chunk)])
 
 
+def _in_variant_order(by_key: dict, maps) -> list:
+    """(key, value) of a {"<algo>/<paper|ours>": value} mapping, in the order of `_variants(maps)`."""
+    return [(f"{a}/{w}", by_key[f"{a}/{w}"]) for a, w, _ in _variants(maps) if f"{a}/{w}" in by_key]
+
+
 def first_reaching(values: dict, thresholds, above: bool) -> list:
     """The smallest key whose value is ≥ (above) or < (below) each threshold; None where none is."""
     out = []
@@ -448,9 +460,7 @@ def run_table11(config, quiet: bool) -> dict:
     d = 1 << config.table11.log2_d
     x = jax.random.normal(jax.random.key(0), (d,))
     out = {"D": d, "ms": {}}
-    entries = [("dense (TRAK's method)", "dense", {}), ("affd", "affd", {}), ("qk", "qk", {}),
-               ("affd ours", *MAPS["affd"]["ours"]), ("qk ours", *MAPS["qk"]["ours"])]
-    todo = [(label, name, opts, lm) for label, name, opts in entries for lm in sorted(config.table11.log2_ms)]
+    todo = [(label, name, opts, lm) for label, name, opts in TABLE11_MAPS for lm in sorted(config.table11.log2_ms)]
     too_slow: set[str] = set()  # maps whose call took longer than max_call_s: their time grows with m
     for label, name, options, log2_m in tqdm(todo, desc="table 11", disable=quiet):
         m = 1 << log2_m
@@ -588,7 +598,7 @@ def _report_table6(results: dict, config) -> list[str]:
         lines.append("")
         lines += ["r at each log2 m:", "", "| map | " + " | ".join(str(g) for g in grid) + " |",
                   "|---|" + "---|" * len(grid)]
-        for key, rs in res["r"].items():
+        for key, rs in _in_variant_order(res["r"], config.maps):
             lines.append(f"| {key} | " + _search_cells(rs, grid, THRESHOLDS_R, above=True) + " |")
         lines += ["", _STOPPED_NOTE, ""]
     return lines
@@ -607,7 +617,7 @@ def _report_table7(res: dict, config) -> list[str]:
     lines.append("")
     grid = list(config.table7.log2_ms)
     lines += ["| map | " + " | ".join(str(g) for g in grid) + " |", "|---|" + "---|" * len(grid)]
-    for key, errs in res["error"].items():
+    for key, errs in _in_variant_order(res["error"], config.table7.maps):
         lines.append(f"| {key} | " + _search_cells(errs, grid, THRESHOLDS_EIG, above=False) + " |")
     return lines + ["", _STOPPED_NOTE, ""]
 
@@ -644,7 +654,7 @@ def _report_cost(res: dict, config) -> list[str]:
 
 def _report_table11(res: dict, config) -> list[str]:
     grid = list(config.table11.log2_ms)
-    labels = list(res["ms"])
+    labels = [label for label, _, _ in TABLE11_MAPS if label in res["ms"]]
     lines = ["## Table 11 / Fig. 7: wall time (ms) of Φx vs m", "",
              f"CPU, D = 2^{config.table11.log2_d} (paper: GPT-2, V100). Paper columns: TRAK[CUDA] / AFFD / QK. "
              f"—: not timed (m > D, or the map took over {config.table11.max_call_s:g} s per call at a smaller m: "
@@ -699,7 +709,7 @@ def _report_tda(res: dict, config) -> list[str]:
 
 
 def write_report(results: dict, config, workdir: Workdir, seconds: float,
-                 section_seconds: dict[str, float] | None = None) -> None:
+                 section_seconds: dict[str, float] | None = None, resumed: list[str] | tuple = ()) -> None:
     lines = ["# The paper's sketch tables, reproduced on a CPU", "",
              "Three columns per table: the paper's number (Schioppa, NeurIPS 2024), ours with the paper's map "
              "(`sketching.get(name, m)`), ours with our variant of that map. Everything ran on a 2-core CPU in "
@@ -708,6 +718,9 @@ def write_report(results: dict, config, workdir: Workdir, seconds: float,
     if section_seconds:
         lines += ["Wall time per part: " + ", ".join(f"{k.replace('_', ' ')} {_duration(v)}"
                                                        for k, v in section_seconds.items()) + ".", ""]
+    if resumed:
+        lines += [f"Read from an earlier, interrupted run in this folder (same settings): {', '.join(resumed)}; "
+                  "the total time above excludes them.", ""]
     if "table6" in results:
         lines += _report_table6(results["table6"], config)
     if "table7" in results:
@@ -732,19 +745,22 @@ def _plots(results: dict, config, workdir: Workdir) -> None:
         panels = []
         for model, res in results["table6"].items():
             series = {k: ([2 ** int(x) for x, _ in sorted(v.items())], [1 - r for _, r in sorted(v.items())])
-                      for k, v in res["r"].items()}
+                      for k, v in _in_variant_order(res["r"], config.maps)}
             panels.append(Panel(title=model, xlabel="sketch dimension m", ylabel="1 − Pearson r", series=series))
         save_panel_grid(workdir.file("table6.png"), [panels], suptitle="Table 6: sketched vs exact gradient inner products",
                         panel_size=(max(6.5, 13.0 / len(panels)), 4.6))
     if "table7" in results:
         series = {k: ([2 ** int(x) for x, _ in sorted(v.items())], [e for _, e in sorted(v.items())])
-                  for k, v in results["table7"]["error"].items()}
+                  for k, v in _in_variant_order(results["table7"]["error"], config.table7.maps)}
         save_panel_grid(workdir.file("table7.png"), [[Panel(title="tiny LM Hessian", xlabel="sketch dimension m",
                                                             ylabel="top-10 eigenvalue error", series=series)]],
                         suptitle="Table 7: sketched Lanczos", panel_size=(9.0, 4.6))
     if "table11" in results:
-        series = {k: ([2 ** int(x) for x, _ in sorted(v.items())], [t for _, t in sorted(v.items())])
-                  for k, v in results["table11"]["ms"].items()}
+        series = {}
+        for label, _, _ in TABLE11_MAPS:
+            times = sorted(results["table11"]["ms"].get(label, {}).items())
+            if times:
+                series[label] = ([2 ** int(x) for x, _ in times], [t for _, t in times])
         save_panel_grid(workdir.file("table11.png"), [[Panel(title=f"D = 2^{config.table11.log2_d}, CPU",
                                                              xlabel="sketch dimension m", ylabel="wall time (ms)",
                                                              series=series)]],
@@ -782,8 +798,10 @@ def run(config, workdir: Workdir) -> dict:
         return tasks[name]
 
     section_seconds: dict[str, float] = {}
-    needed = set(config.table6.models if "table6" in sections else ()) | ({"tiny_lm"} if "table7" in sections else set())
-    needed |= set(config.layers.models if "layers" in sections else ())
+    resumed = [section for section in sections if os.path.exists(_section_file(workdir, section))]
+    pending = set(sections) - set(resumed)
+    needed = set(config.table6.models if "table6" in pending else ()) | ({"tiny_lm"} if "table7" in pending else set())
+    needed |= set(config.layers.models if "layers" in pending else ())
     for name in ("tiny_lm", "minilm"):  # built first, so each section's time is its own
         if name in needed:
             begin = time.perf_counter()
@@ -791,9 +809,17 @@ def run(config, workdir: Workdir) -> dict:
             section_seconds[f"build_{name}"] = time.perf_counter() - begin
 
     def timed(section, compute):
+        """Runs a section and stores it in section_<name>.json, or reads it from there: an interrupted
+        run resumes after its last finished section (the workdir's fingerprint guarantees the settings)."""
+        path = _section_file(workdir, section)
+        if section in resumed:
+            stored = read_json(path)
+            results[section], section_seconds[section] = _int_keyed(section, stored["result"]), stored["seconds"]
+            return
         begin = time.perf_counter()
         results[section] = compute()
         section_seconds[section] = time.perf_counter() - begin
+        atomic_write_json(path, {"seconds": section_seconds[section], "result": results[section]})
 
     if "table6" in sections:
         timed("table6", lambda: {task(m).name: run_table6(task(m), config, quiet) for m in config.table6.models})
@@ -810,5 +836,23 @@ def run(config, workdir: Workdir) -> dict:
     seconds = time.perf_counter() - start
     atomic_write_json(workdir.file("results.json"), {"seconds": seconds, "section_seconds": section_seconds, **results})
     _plots(results, config, workdir)
-    write_report(results, config, workdir, seconds, section_seconds)
+    write_report(results, config, workdir, seconds, section_seconds, resumed)
     return {"seconds": seconds, **_flat_summary(results)}
+
+
+def _section_file(workdir: Workdir, section: str) -> str:
+    return workdir.file(f"section_{section}.json")
+
+
+def _int_keyed(section: str, result: dict) -> dict:
+    """A stored section's result with its log2 m keys back as ints (JSON object keys are strings)."""
+    def by_log2_m(table: dict) -> dict:
+        return {key: {int(log2_m): v for log2_m, v in inner.items()} for key, inner in table.items()}
+    if section == "table6":
+        for res in result.values():
+            res["r"] = by_log2_m(res["r"])
+    elif section == "table7":
+        result["error"] = by_log2_m(result["error"])
+    elif section == "table11":
+        result["ms"] = by_log2_m(result["ms"])
+    return result

@@ -43,6 +43,19 @@ def test_shrunk_run_writes_the_side_by_side_report(tmp_path):
     for name in ("table6.png", "table7.png", "table11.png"):
         assert os.path.getsize(tmp_path / name) > 1000
 
+    # A rerun in the same folder reads every finished section back (no model is built, nothing is
+    # recomputed) and writes the same tables: the stored log2 m keys come back as ints.
+    stored = json.loads((tmp_path / "section_table6.json").read_text())
+    stored["seconds"] = 1234.0
+    (tmp_path / "section_table6.json").write_text(json.dumps(stored))
+    paper_tables.run(shrunk(), Workdir(str(tmp_path)))
+    again = (tmp_path / "report.md").read_text()
+    assert "Read from an earlier, interrupted run in this folder (same settings): table6, table7, cost, table11, " \
+           "layers" in again
+    assert "table6 20.6 min" in again and "build tiny lm" not in again
+    tables = [line for line in report.splitlines() if line.startswith("|")]
+    assert tables == [line for line in again.splitlines() if line.startswith("|")]
+
 
 def test_quick_preset_validates_and_bad_fields_are_named():
     paper_tables.validate_config(config_module.get_config("quick"))
