@@ -9,7 +9,7 @@ import ml_collections
 
 # One line per preset for `python -m experiments.run --list` (times: 2 CPU cores).
 PRESETS = {
-    "": "every table on full grids: tiny LM + MiniLM's last two layers, 2^12 pairs, m up to 2^16 (≈ 1 h)",
+    "": "every table on full grids: tiny LM + MiniLM's last two layers, 2^12 pairs, m up to 2^16 (≈ 51 min)",
     "quick": "every table on small grids: tiny LM, MiniLM's last feed-forward layer, small timing grids (≈ 8 min)",
 }
 
