@@ -657,8 +657,8 @@ def _report_table11(res: dict, config) -> list[str]:
     labels = [label for label, _, _ in TABLE11_MAPS if label in res["ms"]]
     lines = ["## Table 11 / Fig. 7: wall time (ms) of Φx vs m", "",
              f"CPU, D = 2^{config.table11.log2_d} (paper: GPT-2, V100). Paper columns: TRAK[CUDA] / AFFD / QK. "
-             f"—: not timed (the map does not take this m at this D, or it took over {config.table11.max_call_s:g} s per call at a smaller m: "
-             "its time only grows with m).", "",
+             "—: not timed (the map does not take this m at this D, or it took over "
+             f"{config.table11.max_call_s:g} s per call at a smaller m: its time only grows with m).", "",
              "| log2 m | paper TRAK / AFFD / QK | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for g in grid:
         p = PAPER_TABLE11.get(g)

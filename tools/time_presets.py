@@ -204,7 +204,8 @@ def main(argv=None) -> None:
     m = sub.add_parser("measure", help="run presets and append their wall times to --out")
     m.add_argument("specs", nargs="*", help="PATH[:PRESET] (default: every quick preset and the small ones)")
     m.add_argument("--out", required=True, help="JSONL file the records are appended to")
-    m.add_argument("--timeout", type=float, default=3600.0, help="seconds before one preset is stopped")
+    m.add_argument("--timeout", type=float, default=7200.0,
+                   help="seconds before one preset is stopped (the longest presets take about an hour)")
     m.add_argument("--keep", metavar="DIR", help="run in DIR and keep every run's outputs (plots, reports) there")
     a = sub.add_parser("apply", help="write measured times into the configs and docs/preset_times.md")
     a.add_argument("records", help="a JSONL file written by measure")
