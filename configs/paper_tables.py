@@ -42,7 +42,7 @@ def get_config(arg=None):
                                                     max_call_s=30.0))
     config.layers = ml_collections.ConfigDict(dict(models=("tiny_lm", "minilm"), whole_model_log2_m=13, num_iters=40))
     # explicit mode at every sequence length in max_lens, implicit at the shortest one only (an implicit
-    # per-example sketch of all of MiniLM takes tens of seconds per call on this CPU)
+    # per-example sketch of all of MiniLM costs 50-100x the plain per-example gradient on this CPU)
     config.tda_cost = ml_collections.ConfigDict(dict(log2_ms=(12, 16), implicit_log2_ms=(12,),
                                                      max_lens=(16, 128, 512), maps=("affd", "afjl", "qk"),
                                                      batch_size=2, repeats=3))
